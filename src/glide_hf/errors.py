@@ -1,0 +1,50 @@
+"""Typed errors of glide_hf.
+
+Each error also inherits the built-in exception it stands for, so `except ValueError` keeps working for callers
+that do not know this package. This file has no dependencies: it belongs to the set of files that
+`trust_remote_code` copies next to a saved draft.
+"""
+
+
+class GlideError(Exception):
+    """Base class of every error raised by glide_hf."""
+
+
+class GlideConfigError(GlideError, ValueError):
+    """A `GlideConfig` field has an invalid value or the fields contradict each other."""
+
+
+class TargetMismatchError(GlideError, ValueError):
+    """The target model attached to a draft does not have the shape the draft was built for."""
+
+
+class UnsupportedTargetError(GlideError, ValueError):
+    """The model given as target is not a decoder-only model with a rotary KV cache."""
+
+
+class TargetNotAttachedError(GlideError, RuntimeError):
+    """The draft was used before a frozen target model was attached to it."""
+
+
+class TargetNotFoundError(GlideError, OSError):
+    """The target named in a draft's config could not be loaded."""
+
+
+class CacheStateError(GlideError, RuntimeError):
+    """A cache handed to the draft does not describe the tokens it is asked to process."""
+
+
+class UnsupportedGenerationError(GlideError, ValueError):
+    """A generation mode or argument that this path of glide_hf does not support."""
+
+
+__all__ = [
+    "CacheStateError",
+    "GlideConfigError",
+    "GlideError",
+    "TargetMismatchError",
+    "TargetNotAttachedError",
+    "TargetNotFoundError",
+    "UnsupportedGenerationError",
+    "UnsupportedTargetError",
+]

@@ -1,0 +1,861 @@
+"""GLIDE draft model: one decoder layer attached to a frozen target LLM.
+
+```
+x = target.embed_tokens(ids)                    frozen, read through the target
+h = x + SelfAttn(input_layernorm(x))            causal, sliding window, the target's rotary embedding
+h = h + CrossAttn(post_self_attention_layernorm(h); K_l, V_l)
+                                                K_l, V_l: the target's cached (rotated) keys/values of layer l
+h = h + MLP(post_cross_attention_layernorm(h))  SwiGLU
+y = target.lm_head(norm(h))                     frozen; `norm` only when `config.final_norm`
+```
+
+The target is a registered submodule (so `.to()`, `device_map` and Trainer reach it) but is never saved: checkpoints
+hold the draft only, and `from_pretrained` attaches the target named by `config.target_name_or_path` or the one
+passed as `target_model=`.
+
+Two ways to give the draft its view of the target:
+- `target_cache=`: a live target cache (drafting). Every cached position is visible: at inference the cache holds
+  verified tokens only, which is exactly what the draft may see.
+- nothing: the forward runs the frozen target on `input_ids` under `no_grad` and keeps only the keys/values of
+  layer l (training and scoring). A draft query at token t then sees target keys of tokens <= t - lag, the gap
+  that drafting produces (draft step s sees keys up to s + 1 tokens back).
+
+This file and its relative imports form the code that `trust_remote_code=True` loads: single-dot imports only.
+"""
+
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.masking_utils import create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .configuration_glide import GlideConfig, check_target_compatibility
+from .errors import (
+    CacheStateError,
+    GlideConfigError,
+    TargetNotAttachedError,
+    TargetNotFoundError,
+    UnsupportedGenerationError,
+    UnsupportedTargetError,
+)
+from .loss import causal_lm_loss, resolve_loss_implementation
+
+logger = logging.get_logger(__name__)
+
+TARGET_MODULE_NAME = "target"
+
+
+class GlideRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotates half the hidden dims of the input."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[B, H, S, D]` by `cos`/`sin` `[B, S, D]` from the target's rotary embedding."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """`[B, H_kv, S, D]` -> `[B, H_kv * n_rep, S, D]` (grouped-query attention)."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention; `attention_mask` is a boolean `[B, 1, Q, K]` (True = visible) or an additive float mask."""
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class GlideMLP(nn.Module):
+    def __init__(self, config: GlideConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GlideAttention(nn.Module):
+    """Causal sliding-window self-attention over the draft's own recent tokens (its one-layer cache)."""
+
+    def __init__(self, config: GlideConfig):
+        super().__init__()
+        self.config = config
+        self.layer_idx = 0
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.sliding_window = config.sliding_window
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, S, D]
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H_kv, S, D]
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary(query_states, cos, sin), apply_rotary(key_states, cos, sin)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+        )
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+
+class GlideCrossAttention(nn.Module):
+    """Query-only cross-attention onto one layer of the target's KV cache.
+
+    The keys are the target's cached keys, already rotated at their own positions; the query is rotated at the draft
+    token's position, so scores depend on the distance between the two. No key/value projections: the cache is read
+    as it is, with the target's grouped-query layout.
+    """
+
+    def __init__(self, config: GlideConfig):
+        super().__init__()
+        self.config = config
+        self.layer_idx = 0
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        # Not causal: a query sees every target key the visibility rule allows. Transformers' sdpa path reads
+        # `module.is_causal` and, when it is true and no mask is given, would drop all keys beyond the query length.
+        self.is_causal = False
+        self.q_proj = nn.Linear(
+            config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        target_keys: torch.Tensor,
+        target_values: torch.Tensor,
+        lag: int | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            target_keys, target_values (`torch.Tensor` of shape `[B, H_kv, K, D]`): the target layer's cache.
+            lag (`int`, *optional*): `None` when every key is visible (drafting). Otherwise keys and queries are the
+                same tokens and the query at token t sees keys of tokens <= t - lag (training).
+            key_padding_mask (`torch.Tensor` of shape `[B, K]`, *optional*): 1 for real tokens, 0 for padding.
+        """
+        input_shape = hidden_states.shape[:-1]
+        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states = apply_rotary(query_states, cos, sin)  # [B, H, Q, D]
+        keys = target_keys.to(device=query_states.device, dtype=query_states.dtype)
+        values = target_values.to(device=query_states.device, dtype=query_states.dtype)
+        implementation = self.config._attn_implementation
+        if lag is None:
+            attn_output = self._attend(implementation, query_states, keys, values, mask=None, is_causal=False)
+        elif implementation != "eager" and _is_right_padded(key_padding_mask):
+            attn_output = self._attend_with_shift(implementation, query_states, keys, values, lag)
+        else:
+            attn_output = self._attend_with_mask(implementation, query_states, keys, values, lag, key_padding_mask)
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+    def _attend(self, implementation, query, keys, values, mask, is_causal) -> torch.Tensor:
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        # No `position_ids` here: flash-attention would read them as packed sequences of equal q/k lengths.
+        attn_output, _ = attention_interface(
+            self, query, keys, values, mask, dropout=0.0, scaling=self.scaling, is_causal=is_causal
+        )
+        return attn_output  # [B, Q, H, D]
+
+    def _attend_with_shift(self, implementation, query, keys, values, lag) -> torch.Tensor:
+        """Training rule `key <= t - lag` as a plain causal attention of queries `lag:` onto keys `:-lag`.
+
+        Worked example, lag 2, tokens 0..5: queries 2..5 and keys 0..3 line up as a causal square, so query 4 sees
+        keys 0..2 = tokens <= 4 - 2. Queries 0..1 see no key and get a zero output. Equal lengths keep the causal
+        square top-left aligned for every kernel, so sdpa and flash-attention run their fused causal paths.
+        """
+        batch, heads, seq_len, head_dim = query.shape
+        output = query.new_zeros(batch, seq_len, heads, head_dim)
+        if lag < seq_len:
+            shifted = self._attend(
+                implementation, query[:, :, lag:], keys[:, :, : seq_len - lag], values[:, :, : seq_len - lag],
+                mask=None, is_causal=True,
+            )
+            output = torch.cat([output[:, :lag], shifted], dim=1)
+        return output
+
+    def _attend_with_mask(self, implementation, query, keys, values, lag, key_padding_mask) -> torch.Tensor:
+        """Training rule `key <= t - lag` (and key not padding) as an explicit boolean mask."""
+        seq_len = query.shape[2]
+        token = torch.arange(seq_len, device=query.device)
+        visible = token[None, :] <= token[:, None] - lag  # [Q, K]
+        visible = visible[None].expand(query.shape[0], -1, -1)  # [B, Q, K]
+        if key_padding_mask is not None:
+            visible = visible & key_padding_mask[:, None, :].to(device=query.device, dtype=torch.bool)
+        has_key = visible.any(-1)  # [B, Q]
+        # A row with no visible key would give NaN (and NaN gradients): open key 0 for it, then zero its output.
+        visible = visible | (~has_key[..., None] & (token == 0)[None, None, :])
+        if implementation not in ("eager", "sdpa"):
+            logger.warning_once(
+                f"GLIDE's training cross-attention needs an arbitrary mask for left-padded batches, which "
+                f"`{implementation}` cannot take; sdpa computes it instead. Right-pad training batches to keep "
+                f"`{implementation}`."
+            )
+            implementation = "sdpa"
+        attn_output = self._attend(implementation, query, keys, values, mask=visible[:, None], is_causal=False)
+        return attn_output * has_key[..., None, None].to(attn_output.dtype)
+
+
+def _is_right_padded(padding_mask: torch.Tensor | None) -> bool:
+    """True when every row of a `[B, S]` padding mask is ones followed by zeros (or there is no mask)."""
+    if padding_mask is None:
+        return True
+    return bool((padding_mask[:, 1:] <= padding_mask[:, :-1]).all())
+
+
+class GlideDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: GlideConfig):
+        super().__init__()
+        self.self_attn = GlideAttention(config)
+        self.cross_attn = GlideCrossAttention(config)
+        self.mlp = GlideMLP(config)
+        self.input_layernorm = GlideRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_self_attention_layernorm = GlideRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_cross_attention_layernorm = GlideRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        target_keys: torch.Tensor | None,
+        target_values: torch.Tensor | None,
+        lag: int | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache)
+        hidden_states = residual + hidden_states
+        if target_keys is not None:  # no target context yet (first round of assisted decoding): skip the term
+            residual = hidden_states
+            hidden_states = self.cross_attn(
+                self.post_self_attention_layernorm(hidden_states),
+                position_embeddings,
+                target_keys,
+                target_values,
+                lag=lag,
+                key_padding_mask=key_padding_mask,
+            )
+            hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_cross_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class _DiscardingLayer(DynamicLayer):
+    """Cache layer that keeps nothing: lets a training-time target forward store only the layer the draft reads."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return key_states, value_states
+
+
+class _TargetCacheRecorder:
+    """Remembers the cache passed to the target's latest forward call, for the stock assisted-decoding path.
+
+    Transformers' `target.generate(..., assistant_model=draft)` calls `draft.generate(...)` each round without
+    handing over the target's cache, so a forward pre-hook on the target notes which cache object the target's
+    current `generate` call uses. The reference is weak (a finished call's cache is freed as usual), it is
+    overwritten by every target forward (a forward without a cache clears it), and the draft uses it only after
+    checking that it covers exactly the tokens it is asked to extend.
+    """
+
+    def __init__(self) -> None:
+        self._cache_ref: weakref.ReferenceType | None = None
+        self._handle = None
+
+    def install(self, target: nn.Module) -> None:
+        self.remove()
+        self._handle = target.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._cache_ref = None
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self._cache_ref = weakref.ref(cache) if isinstance(cache, Cache) else None
+
+    def cache_covering(self, num_tokens: int) -> Cache | None:
+        """The recorded cache if it holds exactly `num_tokens` positions, else None."""
+        cache = self._cache_ref() if self._cache_ref is not None else None
+        if cache is None or cache.get_seq_length() != num_tokens:
+            return None
+        return cache
+
+
+def check_target_model(target: nn.Module) -> None:
+    """Raise `UnsupportedTargetError` unless `target` is a decoder-only Transformers model with a rotary KV cache."""
+    if not isinstance(target, PreTrainedModel):
+        raise UnsupportedTargetError(
+            f"The target must be a Transformers `PreTrainedModel` (e.g. `LlamaForCausalLM`), got "
+            f"`{type(target).__name__}`."
+        )
+    if getattr(target.config, "is_encoder_decoder", False):
+        raise UnsupportedTargetError(
+            f"`{type(target).__name__}` is an encoder-decoder model; GLIDE drafts attach to decoder-only models "
+            "with a rotary KV cache (Llama, Qwen2, Qwen3, Mistral)."
+        )
+    decoder = target.get_decoder()
+    if not isinstance(getattr(decoder, "rotary_emb", None), nn.Module) or not hasattr(decoder, "layers"):
+        raise UnsupportedTargetError(
+            f"`{type(target).__name__}` (`model_type={target.config.model_type!r}`) has no rotary position "
+            "embedding module (`rotary_emb`) beside its decoder layers: GLIDE reads the target's rotated keys and "
+            "rotates its queries with the target's rotary embedding, so it needs a rotary KV cache model such as "
+            "Llama, Qwen2, Qwen3 or Mistral."
+        )
+    if target.get_input_embeddings() is None:
+        raise UnsupportedTargetError(f"`{type(target).__name__}` has no input embedding for the draft to reuse.")
+
+
+def read_target_kv(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The valid keys/values `[B, H_kv, S, D]` of one layer of a live target cache, or None if it is empty.
+
+    Dynamic layers hold exactly the cached positions, static layers are preallocated (sliced here), and
+    sliding-window layers hold the most recent positions only.
+    """
+    if layer_idx >= len(cache.layers):
+        return None
+    layer = cache.layers[layer_idx]
+    num_cached = cache.get_seq_length(layer_idx)
+    if num_cached == 0 or getattr(layer, "keys", None) is None:
+        return None
+    keys, values = layer.keys, layer.values
+    if not layer.is_sliding and keys.shape[-2] > num_cached:
+        keys, values = keys[..., :num_cached, :], values[..., :num_cached, :]
+    return keys, values
+
+
+class GlidePreTrainedModel(PreTrainedModel):
+    config: GlideConfig
+    config_class = GlideConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GlideDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The frozen target is attached after initialisation, so only draft modules ever reach this.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, GlideRMSNorm):
+            nn.init.ones_(module.weight)
+
+    @property
+    def target(self) -> PreTrainedModel | None:
+        """The frozen target model, or None before one is attached."""
+        return self.get_glide_model()._modules.get(TARGET_MODULE_NAME)
+
+    def get_glide_model(self) -> "GlideModel":
+        """The `GlideModel` that holds the draft layer and the target (`self` or `self.model`)."""
+        raise NotImplementedError
+
+    def attach_target(self, target_model: PreTrainedModel) -> "GlidePreTrainedModel":
+        """Attach a frozen target: checks its shape against `config.target_config`, freezes it (no gradients, eval
+        mode) and registers it as the submodule `target`, left out of every checkpoint."""
+        glide_model = self.get_glide_model()
+        glide_model._attach(target_model)
+        prefix = "" if glide_model is self else f"{self.base_model_prefix}."
+        # Exact key names: `save_pretrained` drops them, and Trainer does not report them missing on resume.
+        self._keys_to_ignore_on_save = [
+            f"{prefix}{TARGET_MODULE_NAME}.{name}" for name in target_model.state_dict(keep_vars=True)
+        ]
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.target is not None:
+            self.target.eval()  # frozen: no dropout, no gradient checkpointing, whatever Trainer asks of the draft
+        return self
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self.target.get_input_embeddings() if self.target is not None else None
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.target.get_output_embeddings() if self.target is not None else None
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+        """Save the draft only: config (naming the target), generation config, draft weights (no `target.*`
+        tensor) and, when registered for auto classes, the modeling code for `trust_remote_code=True`."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        state_dict = {name: tensor for name, tensor in state_dict.items() if not _is_target_key(name)}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+    @classmethod
+    def from_target(
+        cls,
+        target_model_or_name_or_path: "PreTrainedModel | str",
+        target_kwargs: dict | None = None,
+        dtype: torch.dtype | None = None,
+        **config_overrides,
+    ) -> "GlidePreTrainedModel":
+        """Build a freshly initialised draft for a target.
+
+        Args:
+            target_model_or_name_or_path (`PreTrainedModel` or `str`): the target, or a Hub id / local path that
+                `AutoModelForCausalLM.from_pretrained` loads with `target_kwargs`.
+            target_kwargs (`dict`, *optional*): keyword arguments for loading the target (`dtype`, `device_map`...).
+            dtype (`torch.dtype`, *optional*): dtype of the draft's weights; float32 by default (master weights for
+                training; the forward casts between the draft's and the target's dtypes).
+            config_overrides: `GlideConfig` fields, e.g. `sliding_window=512`, `target_kv_layer=-1`.
+
+        Example:
+
+        ```python
+        >>> from glide_hf import GlideForCausalLM
+        >>> draft = GlideForCausalLM.from_target("Qwen/Qwen2.5-7B-Instruct", target_kwargs={"dtype": "bfloat16"})
+        ```
+        """
+        if isinstance(target_model_or_name_or_path, str):
+            target = _load_target(target_model_or_name_or_path, target_kwargs)
+            name_or_path = target_model_or_name_or_path
+        else:
+            target = target_model_or_name_or_path
+            name_or_path = target.config._name_or_path or None
+        check_target_model(target)
+        config_overrides.setdefault("target_name_or_path", name_or_path)
+        config = GlideConfig(target_config=target.config, **config_overrides)
+        model = cls(config)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.attach_target(target)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *model_args,
+        target_model: PreTrainedModel | None = None,
+        target_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """Load a draft and attach its target.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a folder or Hub repo written by `save_pretrained`.
+            target_model (`PreTrainedModel`, *optional*): an already loaded target (shared, not copied). Without it,
+                `config.target_name_or_path` is loaded with `AutoModelForCausalLM.from_pretrained`.
+            target_kwargs (`dict`, *optional*): keyword arguments for loading the target (`dtype`, `device_map`...).
+            kwargs: passed to `PreTrainedModel.from_pretrained` for the draft.
+        """
+        if "config" not in kwargs:
+            _check_is_glide_checkpoint(pretrained_model_name_or_path, kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if target_model is None:
+            if not model.config.target_name_or_path:
+                raise TargetNotFoundError(
+                    f"The draft at `{pretrained_model_name_or_path}` has no `target_name_or_path` in its config, so "
+                    "its target cannot be loaded automatically: pass it as `target_model=`."
+                )
+            target_model = _load_target(model.config.target_name_or_path, target_kwargs)
+        return model.attach_target(target_model)
+
+
+def _is_target_key(name: str) -> bool:
+    return name.startswith(f"{TARGET_MODULE_NAME}.") or f".{TARGET_MODULE_NAME}." in name
+
+
+def _check_is_glide_checkpoint(name_or_path, kwargs: dict) -> None:
+    hub_kwargs = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only") if key in kwargs}
+    try:
+        config_dict, _ = GlideConfig.get_config_dict(name_or_path, **hub_kwargs)
+    except OSError as error:
+        raise GlideConfigError(
+            f"No GLIDE draft config found at `{name_or_path}` ({error}). Pass a folder or Hub repo written by a "
+            "GLIDE draft's `save_pretrained`, or build a new draft with `GlideForCausalLM.from_target(target)`."
+        ) from error
+    model_type = config_dict.get("model_type")
+    if model_type != GlideConfig.model_type:
+        raise GlideConfigError(
+            f"`{name_or_path}` holds a `model_type={model_type!r}` config, not a GLIDE draft (`model_type='glide'`). "
+            f"To build a new draft for this model, use `GlideForCausalLM.from_target({str(name_or_path)!r})`."
+        )
+
+
+def _load_target(name_or_path: str, target_kwargs: dict | None) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **(target_kwargs or {}))
+    except OSError as error:
+        raise TargetNotFoundError(
+            f"The GLIDE draft's target `{name_or_path}` could not be loaded: {error}\nPass the target as "
+            "`target_model=`, or fix `target_name_or_path` in the draft's config.json."
+        ) from error
+
+
+class GlideModel(GlidePreTrainedModel):
+    """The GLIDE draft layer on the frozen target's embedding; returns the draft's hidden states."""
+
+    def __init__(self, config: GlideConfig, target_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.layer = GlideDecoderLayer(config)
+        self.norm = GlideRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.final_norm else None
+        self.gradient_checkpointing = False
+        self.post_init()
+        self._cache_recorder = _TargetCacheRecorder()
+        if target_model is not None:
+            self.attach_target(target_model)
+
+    def get_glide_model(self) -> "GlideModel":
+        return self
+
+    def _attach(self, target_model: PreTrainedModel) -> None:
+        check_target_model(target_model)
+        check_target_compatibility(self.config, target_model.config)
+        target_model.requires_grad_(False)
+        target_model.eval()
+        self._cache_recorder.remove()
+        # Set in `_modules` directly: `add_module` refuses a name that is also a property (`target`).
+        self._modules[TARGET_MODULE_NAME] = target_model
+        self._cache_recorder.install(target_model)
+
+    def recorded_target_cache(self, num_tokens: int) -> Cache | None:
+        """The cache of the target's current `generate` call if it holds exactly `num_tokens` positions."""
+        return self._cache_recorder.cache_covering(num_tokens)
+
+    def _require_target(self) -> PreTrainedModel:
+        if self.target is None:
+            raise TargetNotAttachedError(
+                "This GLIDE draft has no target attached. Load it with `from_pretrained(path, target_model=target)` "
+                "or call `attach_target(target)` first."
+            )
+        return self.target
+
+    @torch.no_grad()
+    def capture_target_kv(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, position_ids: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the frozen target on `input_ids` and return the keys/values `[B, H_kv, S, D]` of the layer the
+        cross-attention reads; the other layers' keys/values are dropped as soon as they are computed."""
+        target = self._require_target()
+        layer_idx = self.config.target_kv_layer_index
+        num_layers = self.config.target_config.num_hidden_layers
+        capture = Cache(layers=[DynamicLayer() if i == layer_idx else _DiscardingLayer() for i in range(num_layers)])
+        target.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=capture,
+            use_cache=True,
+        )
+        return capture.layers[layer_idx].keys, capture.layers[layer_idx].values
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        target_cache: Cache | None = None,
+        draft_lag: int | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `[batch, seq]`): token ids.
+            attention_mask (`torch.Tensor` of shape `[batch, seq]` or `[batch, past + seq]`, *optional*): 1 for
+                tokens, 0 for padding.
+            position_ids (`torch.LongTensor` of shape `[batch, seq]`, *optional*): positions for the draft and, when
+                the forward runs the target, for the target too (e.g. Anchor-Offset positions). Derived from
+                `attention_mask` when absent.
+            cache (`Cache`, *optional*): the draft's own one-layer cache (sliding window).
+            target_cache (`Cache`, *optional*): a live target cache whose positions are all visible to the draft
+                (drafting). An empty cache means no target context yet. When absent, the target runs on `input_ids`.
+            draft_lag (`int`, *optional*): when the target runs here, a query at token t sees target keys of tokens
+                <= t - draft_lag. Default: random in `1..config.max_draft_lag` in training mode, 1 in eval mode.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        target = self._require_target()
+        if inputs_embeds is None:
+            inputs_embeds = target.get_input_embeddings()(input_ids)
+        inputs_embeds = inputs_embeds.to(self.layer.input_layernorm.weight.dtype)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        seq_len = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = _default_position_ids(attention_mask, past_length, seq_len, inputs_embeds.device)
+
+        key_padding_mask, lag = None, None
+        if target_cache is not None:
+            target_kv = read_target_kv(target_cache, self.config.target_kv_layer_index)
+        else:
+            if past_length > 0:
+                raise CacheStateError(
+                    f"The draft's `cache` already holds {past_length} tokens, but no `target_cache` was given: the "
+                    "target can only be run here on a whole sequence. Pass the target's cache of the same prefix "
+                    "as `target_cache=`, or call without `cache`."
+                )
+            if input_ids is None:
+                raise ValueError("Without `target_cache`, the target runs on the same tokens: pass `input_ids`.")
+            if attention_mask is None:
+                # Explicit: without a 2-D mask, Transformers reads jumps in `position_ids` (Anchor-Offset positions)
+                # as boundaries of packed sequences.
+                attention_mask = torch.ones_like(input_ids)
+            target_kv = self.capture_target_kv(input_ids, attention_mask, position_ids)
+            key_padding_mask = attention_mask
+            lag = draft_lag if draft_lag is not None else self._default_lag()
+            if not isinstance(lag, int) or lag < 1:
+                raise GlideConfigError(f"`draft_lag` must be an integer >= 1, got {lag!r}.")
+        target_keys, target_values = target_kv if target_kv is not None else (None, None)
+
+        rotary_emb = target.get_decoder().rotary_emb
+        position_embeddings = rotary_emb(inputs_embeds, position_ids)
+        self_attention_mask = create_sliding_window_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        hidden_states = self.layer(
+            inputs_embeds,
+            position_embeddings,
+            self_attention_mask,
+            target_keys,
+            target_values,
+            lag,
+            key_padding_mask,
+            cache=cache,
+        )
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+    def _default_lag(self) -> int:
+        if not self.training:
+            return 1
+        # Drawn from torch's generator so that seeded runs (Trainer's `seed`) are reproducible.
+        return int(torch.randint(1, self.config.max_draft_lag + 1, ()).item())
+
+
+def _default_position_ids(attention_mask, past_length: int, seq_len: int, device) -> torch.LongTensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    if attention_mask is None:
+        return torch.arange(past_length, past_length + seq_len, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -seq_len:].to(device)
+
+
+class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
+    """A GLIDE draft with the target's LM head: next-token logits, training loss, and drafting for
+    `target.generate(..., assistant_model=draft)`."""
+
+    def __init__(self, config: GlideConfig, target_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.model = GlideModel(config)
+        self.post_init()
+        self.generation_config = default_generation_config(config)
+        if target_model is not None:
+            self.attach_target(target_model)
+
+    def get_glide_model(self) -> GlideModel:
+        return self.model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        target_cache: Cache | None = None,
+        draft_lag: int | None = None,
+        return_logits: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): targets for the shifted next-token
+                cross-entropy (`-100` = ignored), computed with `config.loss_implementation`.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*): keep logits of the last n positions only.
+            return_logits (`bool`, *optional*): with `labels` and a fused loss (liger or chunked), logits are not
+                computed unless this is True, so that the `[batch, seq, vocab]` tensor never exists in training.
+            Other arguments: see `GlideModel.forward`.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            target_cache=target_cache,
+            draft_lag=draft_lag,
+        )
+        hidden_states = outputs.last_hidden_state
+        lm_head = self.get_output_embeddings()
+        loss, logits = None, None
+        implementation = None
+        if labels is not None:
+            implementation = resolve_loss_implementation(self.config.loss_implementation, hidden_states.device)
+            loss = causal_lm_loss(
+                hidden_states,
+                lm_head,
+                labels,
+                implementation=implementation,
+                chunk_size=self.config.loss_chunk_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+        if labels is None or return_logits or implementation == "plain":
+            if isinstance(logits_to_keep, int):
+                kept = hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states
+            else:
+                kept = hidden_states[:, logits_to_keep, :]
+            logits = lm_head(kept.to(lm_head.weight.dtype)).float()
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    def generate(self, *args, generation_config: GenerationConfig | None = None, **kwargs):
+        """Draft tokens for `target.generate(..., assistant_model=draft)`.
+
+        Transformers' assisted decoding calls this every round with the accepted tokens and the draft's own cache;
+        the draft reads the target's cache of the same call (see `_TargetCacheRecorder`).
+        """
+        if generation_config is None or not generation_config.is_assistant:
+            raise UnsupportedGenerationError(
+                "A GLIDE draft drafts for its target: call `target.generate(**inputs, assistant_model=draft)`. "
+                "The draft's own decoding engine is tracked in issue 3 and not available in this version."
+            )
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None or input_ids.shape[0] != 1:
+            raise UnsupportedGenerationError(
+                "Transformers' assisted decoding supports batch size 1 only; the GLIDE engine for batches is tracked "
+                "in issue 3."
+            )
+        if kwargs.get("cache") is None:
+            # First round of a new `target.generate` call: the target has not run yet, so any recorded cache belongs
+            # to an earlier call. Draft one token without target context; the next rounds read the live cache.
+            target_cache = DynamicCache()
+            kwargs["max_new_tokens"] = min(1, kwargs.get("max_new_tokens", 1))
+            kwargs["min_new_tokens"] = min(kwargs.get("min_new_tokens") or 0, kwargs["max_new_tokens"])
+        else:
+            # The target's cache holds every accepted token but the newest one (its "bonus" token).
+            target_cache = self.model.recorded_target_cache(input_ids.shape[1] - 1)
+            if target_cache is None:
+                logger.warning_once(
+                    "GLIDE could not find the target's cache of the current `generate` call; drafting without "
+                    "target context this round (outputs stay exact, acceptance drops)."
+                )
+                target_cache = DynamicCache()
+        return super().generate(*args, generation_config=generation_config, target_cache=target_cache, **kwargs)
+
+
+def default_generation_config(config: GlideConfig) -> GenerationConfig:
+    """Assisted-decoding settings a GLIDE draft ships with: a constant `num_draft_tokens` per round, and no
+    confidence cut-off (Transformers' default 0.4 stops an unsure draft after one token)."""
+    return GenerationConfig(
+        num_assistant_tokens=config.num_draft_tokens,
+        num_assistant_tokens_schedule="constant",
+        assistant_confidence_threshold=0.0,
+    )
+
+
+__all__ = [
+    "GlideAttention",
+    "GlideCrossAttention",
+    "GlideDecoderLayer",
+    "GlideForCausalLM",
+    "GlideMLP",
+    "GlideModel",
+    "GlidePreTrainedModel",
+    "GlideRMSNorm",
+    "check_target_model",
+    "default_generation_config",
+    "read_target_kv",
+]
