@@ -65,7 +65,7 @@ class GlideConfig(PreTrainedConfig):
             linear cross-entropy, CUDA only), `"chunked"` (cross-entropy over chunks of `loss_chunk_size` tokens,
             never holding the full `[tokens, vocab]` logits), `"plain"` (full logits, then cross-entropy), or
             `"auto"` (liger on CUDA when installed, chunked otherwise).
-        loss_chunk_size (`int`, *optional*, defaults to 4096):
+        loss_chunk_size (`int`, *optional*, defaults to 1024):
             Tokens per chunk of the chunked cross-entropy.
         hidden_act (`str`, *optional*, defaults to `"silu"`):
             Activation of the SwiGLU MLP.
@@ -107,7 +107,7 @@ class GlideConfig(PreTrainedConfig):
     max_draft_lag: int = 5
     num_draft_tokens: int = 5
     loss_implementation: Literal["auto", "liger", "chunked", "plain"] = "auto"
-    loss_chunk_size: int = 4096
+    loss_chunk_size: int = 1024
     hidden_act: str = "silu"
     initializer_range: float = 0.02
     attention_dropout: float = 0.0

@@ -73,7 +73,7 @@ def causal_lm_loss(
     lm_head: torch.nn.Linear,
     labels: torch.Tensor,
     implementation: str = "chunked",
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     num_items_in_batch: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Shifted next-token cross-entropy of `lm_head(hidden_states)` against `labels`.

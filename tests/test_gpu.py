@@ -1,0 +1,65 @@
+"""CUDA paths: bf16 targets, Trainer on GPU with liger, stock assisted decoding on GPU. Skipped without CUDA."""
+
+import pytest
+import torch
+from test_modeling import VOCAB, build_draft, build_target, random_ids
+from transformers import Trainer, TrainingArguments
+from transformers.utils import is_liger_kernel_available
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_assisted_output_equals_target_output_on_cuda(family):
+    target = build_target(family).cuda()
+    draft = build_draft(target).cuda()
+    for seed in range(3):
+        prompt = random_ids(1, 20, seed=seed).cuda()
+        expected = target.generate(prompt, max_new_tokens=40, do_sample=False)
+        assisted = target.generate(prompt, assistant_model=draft, max_new_tokens=40, do_sample=False)
+        assert torch.equal(expected, assisted)
+
+
+def test_eager_and_sdpa_agree_on_cuda():
+    draft = build_draft(build_target()).cuda()
+    ids = random_ids(2, 64).cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    draft.set_attn_implementation("eager")
+    eager = draft(ids, draft_lag=2).logits
+    draft.set_attn_implementation("sdpa")
+    torch.testing.assert_close(eager, draft(ids, draft_lag=2).logits, atol=1e-4, rtol=0)
+
+
+def test_bfloat16_target_with_float32_draft_drafts_on_cuda():
+    target = build_target().to("cuda", torch.bfloat16)
+    draft = build_draft(target).cuda()
+    prompt = random_ids(1, 16).cuda()
+    out = target.generate(prompt, assistant_model=draft, max_new_tokens=32, do_sample=False)
+    assert out.shape == (1, 48)
+
+
+@pytest.mark.skipif(not is_liger_kernel_available(), reason="needs liger-kernel")
+def test_trainer_trains_with_liger_on_a_bfloat16_target(tmp_path, monkeypatch):
+    import glide_hf.loss as loss_module
+
+    calls = []
+    original = loss_module._liger_sum_cross_entropy
+    monkeypatch.setattr(
+        loss_module, "_liger_sum_cross_entropy", lambda *a: calls.append(1) or original(*a)
+    )
+    target = build_target().to("cuda", torch.bfloat16)
+    draft = build_draft(target).cuda().train()
+    # A learnable corpus: each row counts upwards from a random start.
+    starts = torch.randint(3, VOCAB - 40, (256, 1), generator=torch.Generator().manual_seed(0))
+    rows = (starts + torch.arange(32)).tolist()
+    dataset = [{"input_ids": row, "labels": row} for row in rows]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3,
+        logging_steps=10, save_steps=60, report_to=[], bf16=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=draft, args=args, train_dataset=dataset)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert calls, "the liger loss was not used"
+    assert losses[-1] < losses[0] - 0.5  # from ln(300) = 5.7 at the start
+    assert draft.model.layer.mlp.up_proj.weight.dtype == torch.float32

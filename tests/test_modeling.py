@@ -1,0 +1,219 @@
+"""The draft layer: shape, attention backends, visibility rule, frozen target, drafting == training forward."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from glide_hf import CacheStateError, GlideConfig, GlideForCausalLM, GlideModel, TargetNotAttachedError
+
+VOCAB = 300
+
+
+def build_target(family: str = "llama", seed: int = 0, **overrides):
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        family
+    ]
+    fields = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return model_class(config_class(**fields)).eval()
+
+
+def build_draft(target, seed: int = 1, **overrides):
+    torch.manual_seed(seed)
+    overrides.setdefault("sliding_window", 8)
+    return GlideForCausalLM.from_target(target, **overrides).eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 2) -> torch.LongTensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_only_the_draft_layer_is_trainable(family):
+    draft = build_draft(build_target(family))
+    trainable = [name for name, p in draft.named_parameters() if p.requires_grad]
+    assert trainable and all(name.startswith(("model.layer.", "model.norm.")) for name in trainable)
+    assert not any(p.requires_grad for p in draft.target.parameters())
+
+
+def test_draft_layer_has_the_longspec_modules_and_no_embedding_of_its_own():
+    draft = build_draft(build_target())
+    names = {name for name, _ in draft.named_parameters() if not name.startswith("model.target.")}
+    layer = {name.removeprefix("model.layer.") for name in names if name.startswith("model.layer.")}
+    assert {
+        "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight", "cross_attn.q_proj.weight", "cross_attn.o_proj.weight", "mlp.gate_proj.weight",
+        "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+        "post_self_attention_layernorm.weight", "post_cross_attention_layernorm.weight",
+    } <= layer
+    assert not any("cross_attn.k_proj" in n or "cross_attn.v_proj" in n for n in layer)
+    assert not any("embed" in n or "lm_head" in n for n in names)
+    assert draft.get_input_embeddings() is draft.target.get_input_embeddings()
+    assert draft.get_output_embeddings() is draft.target.get_output_embeddings()
+
+
+def test_final_norm_is_optional():
+    draft = build_draft(build_target(), final_norm=False)
+    assert draft.model.norm is None
+    assert draft(random_ids(1, 6)).logits.shape == (1, 6, VOCAB)
+
+
+def test_target_stays_in_eval_mode_when_the_draft_trains():
+    draft = build_draft(build_target())
+    draft.train()
+    assert draft.training and draft.model.layer.training
+    assert not draft.target.training
+    assert not any(module.training for module in draft.target.modules())
+
+
+def test_eval_forward_is_deterministic():
+    draft = build_draft(build_target())
+    ids = random_ids(2, 12)
+    assert torch.equal(draft(ids).logits, draft(ids).logits)
+
+
+def test_training_lag_is_random_within_max_draft_lag():
+    draft = build_draft(build_target(), max_draft_lag=3).train()
+    ids = random_ids(1, 10)
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(30):
+        logits = draft(ids, draft_lag=None, return_logits=True, labels=ids).logits
+        for lag in (1, 2, 3):
+            if torch.allclose(logits, draft.eval()(ids, draft_lag=lag).logits, atol=1e-6):
+                seen.add(lag)
+        draft.train()
+    assert seen == {1, 2, 3}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_eager_and_sdpa_agree(family):
+    target = build_target(family)
+    draft = build_draft(target)
+    ids = random_ids(2, 20)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # right padding
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        draft.set_attn_implementation(implementation)
+        outputs[implementation] = [draft(ids, attention_mask=mask, draft_lag=lag).logits for lag in (1, 3)]
+    for eager, sdpa in zip(outputs["eager"], outputs["sdpa"]):
+        torch.testing.assert_close(eager[0], sdpa[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(eager[1, :15], sdpa[1, :15], atol=1e-5, rtol=0)
+
+
+def test_shifted_causal_cross_attention_equals_the_masked_one():
+    draft = build_draft(build_target())
+    cross = draft.model.layer.cross_attn
+    torch.manual_seed(3)
+    query = torch.randn(2, 4, 11, 16)
+    keys, values = torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    for lag in (1, 2, 5, 11, 12):
+        shifted = cross._attend_with_shift("sdpa", query, keys, values, lag)
+        masked = cross._attend_with_mask("sdpa", query, keys, values, lag, None)
+        torch.testing.assert_close(shifted, masked, atol=1e-6, rtol=0)
+
+
+def test_draft_query_never_sees_unverified_target_keys():
+    """Changing a token changes the target keys from that token on; a draft query at t with lag j must not move
+    unless the change is at a token <= t - j (or inside its own self-attention window)."""
+    target = build_target()
+    draft = build_draft(target, sliding_window=1)  # self-attention sees only the token itself
+    ids = random_ids(1, 16)
+    changed = ids.clone()
+    changed[0, 9] = (changed[0, 9] + 1 - 3) % (VOCAB - 3) + 3
+    for lag in (1, 2, 4):
+        before, after = draft(ids, draft_lag=lag).logits, draft(changed, draft_lag=lag).logits
+        unaffected = 9 + lag  # queries t < 9 + lag see target keys of tokens < 9 only
+        torch.testing.assert_close(before[0, :9], after[0, :9], atol=0, rtol=0)
+        torch.testing.assert_close(before[0, 10:unaffected], after[0, 10:unaffected], atol=0, rtol=0)
+        assert not torch.allclose(before[0, unaffected:], after[0, unaffected:])
+
+
+def test_left_padding_does_not_change_a_row():
+    target = build_target()
+    draft = build_draft(target)
+    ids = random_ids(1, 10)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    for lag in (1, 2):
+        alone = draft(ids, draft_lag=lag).logits
+        with_pad = draft(padded, attention_mask=mask, draft_lag=lag).logits[:, 3:]
+        assert torch.isfinite(with_pad).all()
+        torch.testing.assert_close(alone, with_pad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_drafting_logits_equal_training_logits_at_the_matching_lag(family):
+    """Draft step s, run on a live target cache of the verified prefix, reads keys up to s + 1 tokens back; the
+    training forward with `draft_lag=s + 1` gives the same logits (fp32; 1e-5 covers different kernel shapes)."""
+    target = build_target(family)
+    draft = build_draft(target, sliding_window=6)
+    sequence = random_ids(1, 30)
+    verified = 20  # the target cache holds tokens 0..19
+    target_cache = DynamicCache(config=target.config)
+    with torch.no_grad():
+        target(sequence[:, :verified], cache=target_cache, use_cache=True)
+        own_cache = DynamicCache(config=draft.config)
+        draft(sequence[:, : verified + 1], cache=own_cache, use_cache=True, target_cache=target_cache)
+        for step in range(5):
+            position = verified + 1 + step  # token at `position` is fed; it predicts position + 1
+            drafted = draft(
+                sequence[:, position : position + 1], cache=own_cache, use_cache=True, target_cache=target_cache
+            ).logits[:, -1]
+            trained = draft(sequence[:, : position + 1], draft_lag=step + 2).logits[:, -1]
+            torch.testing.assert_close(drafted, trained, atol=1e-5, rtol=0)
+
+
+def test_glide_model_returns_the_hidden_states_the_lm_head_reads():
+    target = build_target()
+    draft = build_draft(target)
+    base = GlideModel(draft.config)
+    base.load_state_dict({k.removeprefix("model."): v for k, v in draft.state_dict().items()
+                          if not k.startswith("model.target.")}, strict=False)
+    base.attach_target(target).eval()
+    ids = random_ids(1, 9)
+    hidden = base(ids).last_hidden_state
+    assert hidden.shape == (1, 9, 64)
+    torch.testing.assert_close(target.lm_head(hidden), draft(ids).logits, atol=0, rtol=0)
+
+
+def test_forward_without_target_raises():
+    target = build_target()
+    draft = GlideForCausalLM(GlideConfig(target_config=target.config, sliding_window=8))
+    with pytest.raises(TargetNotAttachedError, match="attach_target"):
+        draft(random_ids(1, 4))
+
+
+def test_own_cache_without_target_cache_raises():
+    draft = build_draft(build_target())
+    cache = DynamicCache(config=draft.config)
+    draft(random_ids(1, 5), cache=cache, use_cache=True, target_cache=DynamicCache())
+    with pytest.raises(CacheStateError, match="target_cache"):
+        draft(random_ids(1, 1), cache=cache, use_cache=True)
+
+
+def test_draft_runs_in_bfloat16_beside_a_float32_target():
+    target = build_target()
+    draft = build_draft(target, dtype=torch.bfloat16)
+    logits = draft(random_ids(1, 7)).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert draft.model.layer.mlp.up_proj.weight.dtype == torch.bfloat16
+    assert target.lm_head.weight.dtype == torch.float32
+
+
+def test_target_kv_layer_selects_the_layer_read():
+    target = build_target(num_hidden_layers=3)
+    ids = random_ids(1, 8)
+    first = build_draft(target, target_kv_layer=0)
+    last = build_draft(target, target_kv_layer=-1)
+    last.load_state_dict(first.state_dict())
+    assert not torch.allclose(first(ids).logits, last(ids).logits)
+    keys, _ = first.model.capture_target_kv(ids, torch.ones_like(ids), torch.arange(8)[None])
+    cache = DynamicCache(config=target.config)
+    target(ids, cache=cache, use_cache=True)
+    assert torch.equal(keys, cache.layers[0].keys)
