@@ -38,7 +38,8 @@ def test_chunked_loss_and_gradient_equal_the_plain_ones(chunk_size):
     (plain_grad,) = torch.autograd.grad(plain, hidden)
     chunked = causal_lm_loss(hidden, head, labels, implementation="chunked", chunk_size=chunk_size)
     (chunked_grad,) = torch.autograd.grad(chunked, hidden)
-    torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=0)
+    # fp32 sums of ~70 per-token losses in another order: rounding up to a few 1e-7 relative.
+    torch.testing.assert_close(chunked, plain, atol=0, rtol=1e-6)
     torch.testing.assert_close(chunked_grad, plain_grad, atol=1e-7, rtol=0)
 
 
