@@ -14,7 +14,7 @@ def count_target_forwards(target):
     return calls, handle
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("prompt_length", [3, 8, 25])
 def test_greedy_assisted_output_equals_target_output(family, prompt_length):
     target = build_target(family)

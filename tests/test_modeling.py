@@ -2,21 +2,38 @@
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from glide_hf import CacheStateError, GlideConfig, GlideForCausalLM, GlideModel, TargetNotAttachedError
 
 VOCAB = 300
 
 
+TARGET_FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32}),  # heads * head_dim != hidden, as in Qwen3
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 16}),  # sliding-window target layers
+}
+
+
 def build_target(family: str = "llama", seed: int = 0, **overrides):
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        family
-    ]
+    config_class, model_class, family_fields = TARGET_FAMILIES[family]
     fields = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
+    fields.update(family_fields)
     fields.update(overrides)
     torch.manual_seed(seed)
     return model_class(config_class(**fields)).eval()

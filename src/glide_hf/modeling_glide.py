@@ -51,6 +51,11 @@ from .loss import causal_lm_loss, resolve_loss_implementation
 logger = logging.get_logger(__name__)
 
 TARGET_MODULE_NAME = "target"
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_glide.GlideConfig",
+    "AutoModel": "modeling_glide.GlideModel",
+    "AutoModelForCausalLM": "modeling_glide.GlideForCausalLM",
+}
 
 
 class GlideRMSNorm(nn.Module):
@@ -473,6 +478,9 @@ class GlidePreTrainedModel(PreTrainedModel):
         tensor) and, when registered for auto classes, the modeling code for `trust_remote_code=True`."""
         state_dict = self.state_dict() if state_dict is None else state_dict
         state_dict = {name: tensor for name, tensor in state_dict.items() if not _is_target_key(name)}
+        if self._auto_class is not None:
+            # Both model classes, whichever is saved: `AutoModel` and `AutoModelForCausalLM` then load the same folder.
+            self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
         return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
     @classmethod
