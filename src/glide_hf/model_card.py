@@ -15,19 +15,24 @@ MODEL_CARD_NAME = "README.md"
 MODEL_CARD_TAGS = ["glide", "speculative-decoding", "draft-model"]
 
 
-def glide_model_card(model) -> ModelCard:
+def glide_model_card(model, tags: list[str] | None = None) -> ModelCard:
     """The model card of a GLIDE draft.
 
     Args:
         model (`GlidePreTrainedModel`): the draft; only `model.config` is read.
+        tags (`list[str]`, *optional*): tags added to the card's own.
 
     Returns:
         `huggingface_hub.ModelCard`: front matter with `base_model` (the target's `target_name_or_path`, left out
-        when the config names none), `library_name` and tags, then a short description and usage example.
+        when the config names none or a local folder), `library_name` and tags, then a short description and usage
+        example.
     """
     config = model.config
     target = config.target_name_or_path
-    card_data = ModelCardData(library_name="transformers", base_model=target, tags=list(MODEL_CARD_TAGS))
+    # The Hub reads `base_model` as a repo id: a target loaded from a local folder is named in the text only.
+    base_model = target if target and not os.path.isdir(target) else None
+    card_tags = list(MODEL_CARD_TAGS) + [tag for tag in (tags or []) if tag not in MODEL_CARD_TAGS]
+    card_data = ModelCardData(library_name="transformers", base_model=base_model, tags=card_tags)
     target_text = f"`{target}`" if target else "its target model"
     body = f"""
 # GLIDE draft for {target_text}
@@ -56,14 +61,14 @@ accepts. It drafts {config.num_draft_tokens} tokens per round (`num_assistant_to
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
 
 
-def write_model_card(model, save_directory: str | os.PathLike) -> str:
-    """Write `glide_model_card(model)` as `README.md` in `save_directory`, replacing any card there.
+def write_model_card(model, save_directory: str | os.PathLike, tags: list[str] | None = None) -> str:
+    """Write `glide_model_card(model, tags)` as `README.md` in `save_directory`, replacing any card there.
 
     Returns:
         `str`: the path of the written card.
     """
     path = os.path.join(save_directory, MODEL_CARD_NAME)
-    glide_model_card(model).save(path)
+    glide_model_card(model, tags).save(path)
     return path
 
 

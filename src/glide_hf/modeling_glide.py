@@ -23,6 +23,8 @@ Two ways to give the draft its view of the target:
 This file and its relative imports form the code that `trust_remote_code=True` loads: single-dot imports only.
 """
 
+import os
+import tempfile
 import weakref
 from collections.abc import Callable
 
@@ -35,6 +37,7 @@ from transformers.masking_utils import create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import hub as transformers_hub
 from transformers.utils import logging
 
 from .configuration_glide import GlideConfig, check_target_compatibility
@@ -47,6 +50,7 @@ from .errors import (
     UnsupportedTargetError,
 )
 from .loss import causal_lm_loss, resolve_loss_implementation
+from .model_card import write_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -473,15 +477,59 @@ class GlidePreTrainedModel(PreTrainedModel):
     def get_output_embeddings(self) -> nn.Module | None:
         return self.target.get_output_embeddings() if self.target is not None else None
 
-    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+    def save_pretrained(
+        self, save_directory, *args, state_dict: dict | None = None, push_to_hub: bool = False, **kwargs
+    ):
         """Save the draft only: config (naming the target), generation config, draft weights (no `target.*`
-        tensor) and, when registered for auto classes, the modeling code for `trust_remote_code=True`."""
+        tensor), a model card (`README.md`) and, when registered for auto classes, the modeling code for
+        `trust_remote_code=True`. With `push_to_hub=True` the folder is then uploaded (`repo_id`, `commit_message`,
+        `private`, `token`, `create_pr`, `revision` as in Transformers)."""
+        push_kwargs = {key: kwargs.pop(key) for key in _PUSH_ONLY_KWARGS if key in kwargs}
         state_dict = self.state_dict() if state_dict is None else state_dict
         state_dict = {name: tensor for name, tensor in state_dict.items() if not _is_target_key(name)}
         if self._auto_class is not None:
             # Both model classes, whichever is saved: `AutoModel` and `AutoModelForCausalLM` then load the same folder.
             self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
-        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_model_card(self, save_directory, tags=self.model_tags)
+            if push_to_hub:
+                repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+                return self._upload_folder(save_directory, repo_id, token=kwargs.get("token"), **push_kwargs)
+        return result
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ) -> str:
+        """Upload the draft (what `save_pretrained` writes, GLIDE model card included) to the Hub.
+
+        Transformers' own `push_to_hub` replaces the card after saving with a generic one that does not name the
+        target; this writes the GLIDE card instead.
+        """
+        if tags:
+            self.add_model_tags(tags)
+        with tempfile.TemporaryDirectory() as work_dir:
+            self.save_pretrained(work_dir, max_shard_size=max_shard_size)
+            return self._upload_folder(
+                work_dir, repo_id, token=token, commit_message=commit_message,
+                commit_description=commit_description, private=private, revision=revision, create_pr=create_pr,
+            )
+
+    def _upload_folder(self, folder, repo_id: str, token=None, private=None, commit_message=None, **commit_kwargs):
+        repo_id = transformers_hub.hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        return self._upload_modified_files(
+            folder, repo_id, files_timestamps={}, commit_message=commit_message or "Upload GLIDE draft", token=token,
+            **commit_kwargs,
+        )
 
     @classmethod
     def from_target(
@@ -553,6 +601,10 @@ class GlidePreTrainedModel(PreTrainedModel):
         return model.attach_target(target_model)
 
 
+# `save_pretrained(push_to_hub=True, ...)` keywords that concern the upload, not the files.
+_PUSH_ONLY_KWARGS = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
+
+
 def _is_target_key(name: str) -> bool:
     return name.startswith(f"{TARGET_MODULE_NAME}.") or f".{TARGET_MODULE_NAME}." in name
 
@@ -567,6 +619,12 @@ def _check_is_glide_checkpoint(name_or_path, kwargs: dict) -> None:
             "GLIDE draft's `save_pretrained`, or build a new draft with `GlideForCausalLM.from_target(target)`."
         ) from error
     model_type = config_dict.get("model_type")
+    if not config_dict:
+        raise GlideConfigError(
+            f"No GLIDE draft config found at `{name_or_path}`: it has no config.json. Pass a folder or Hub repo "
+            "written by a GLIDE draft's `save_pretrained`, or build a new draft with "
+            "`GlideForCausalLM.from_target(target)`."
+        )
     if model_type != GlideConfig.model_type:
         raise GlideConfigError(
             f"`{name_or_path}` holds a `model_type={model_type!r}` config, not a GLIDE draft (`model_type='glide'`). "
