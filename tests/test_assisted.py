@@ -174,14 +174,16 @@ def test_batch_larger_than_one_on_the_stock_path_raises():
         target.generate(random_ids(2, 5), assistant_model=draft, max_new_tokens=4, do_sample=False)
 
 
-def test_draft_generate_called_directly_points_to_the_assisted_path():
-    draft = build_draft(build_target())
-    with pytest.raises(UnsupportedGenerationError, match="assistant_model"):
-        draft.generate(random_ids(1, 4), max_new_tokens=3)
+def test_draft_generate_called_directly_decodes_with_the_target():
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(1, 4)
+    expected = target.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(draft.generate(prompt, max_new_tokens=6, do_sample=False), expected)
 
 
 def test_draft_generate_as_assistant_with_a_batch_points_to_the_engine():
     draft = build_draft(build_target())
     config = GenerationConfig(max_new_tokens=3, is_assistant=True)
-    with pytest.raises(UnsupportedGenerationError, match="batch"):
+    with pytest.raises(UnsupportedGenerationError, match=r"batch size 1 only.*draft\.generate"):
         draft.generate(input_ids=random_ids(2, 4), generation_config=config)

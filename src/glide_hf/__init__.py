@@ -10,6 +10,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_glide import GlideConfig
 from .errors import (
     CacheStateError,
+    ChatTemplateError,
+    CheckpointFormatError,
+    DataFormatError,
+    DataNotFoundError,
+    EmptyDatasetError,
     GlideConfigError,
     GlideError,
     TargetMismatchError,
@@ -31,6 +36,11 @@ GlideForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "CacheStateError",
+    "ChatTemplateError",
+    "CheckpointFormatError",
+    "DataFormatError",
+    "DataNotFoundError",
+    "EmptyDatasetError",
     "GlideConfig",
     "GlideConfigError",
     "GlideError",

@@ -38,8 +38,33 @@ class UnsupportedGenerationError(GlideError, ValueError):
     """A generation mode or argument that this path of glide_hf does not support."""
 
 
+class DataNotFoundError(GlideError, FileNotFoundError):
+    """A training data path does not exist or holds nothing that glide_hf can read."""
+
+
+class DataFormatError(GlideError, ValueError):
+    """A training data file or record cannot be read in the data format given or detected for it."""
+
+
+class EmptyDatasetError(GlideError, ValueError):
+    """No training sample is left after loading, filtering or splitting the data."""
+
+
+class ChatTemplateError(GlideError, ValueError):
+    """Chat data was given with a tokenizer that has no chat template."""
+
+
+class CheckpointFormatError(GlideError, ValueError):
+    """A checkpoint to convert is not in the expected format (file type, tensor names, dtypes)."""
+
+
 __all__ = [
     "CacheStateError",
+    "ChatTemplateError",
+    "CheckpointFormatError",
+    "DataFormatError",
+    "DataNotFoundError",
+    "EmptyDatasetError",
     "GlideConfigError",
     "GlideError",
     "TargetMismatchError",

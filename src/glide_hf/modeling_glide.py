@@ -41,6 +41,7 @@ from transformers.utils import hub as transformers_hub
 from transformers.utils import logging
 
 from .configuration_glide import GlideConfig, check_target_compatibility
+from .engine import glide_generate
 from .errors import (
     CacheStateError,
     GlideConfigError,
@@ -158,6 +159,16 @@ class GlideAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
 
+    def project_key_value(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values `[B, H_kv, S, D]` of normed inputs: all a cache needs of tokens never queried."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        return apply_rotary(key_states, cos, sin), value_states
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -225,9 +236,10 @@ class GlideCrossAttention(nn.Module):
         """
         Args:
             target_keys, target_values (`torch.Tensor` of shape `[B, H_kv, K, D]`): the target layer's cache.
-            lag (`int`, *optional*): `None` when every key is visible (drafting). Otherwise keys and queries are the
-                same tokens and the query at token t sees keys of tokens <= t - lag (training).
-            key_padding_mask (`torch.Tensor` of shape `[B, K]`, *optional*): 1 for real tokens, 0 for padding.
+            lag (`int`, *optional*): `None` when every (unmasked) key is visible (drafting). Otherwise keys and
+                queries are the same tokens and the query at token t sees keys of tokens <= t - lag (training).
+            key_padding_mask (`torch.Tensor` of shape `[B, K]`, *optional*): 1 for keys that may be seen, 0 for
+                padding or for cache slots beyond a row's verified prefix.
         """
         input_shape = hidden_states.shape[:-1]
         query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
@@ -236,8 +248,14 @@ class GlideCrossAttention(nn.Module):
         keys = target_keys.to(device=query_states.device, dtype=query_states.dtype)
         values = target_values.to(device=query_states.device, dtype=query_states.dtype)
         implementation = self.config._attn_implementation
-        if lag is None:
+        if lag is None and key_padding_mask is None:
             attn_output = self._attend(implementation, query_states, keys, values, mask=None, is_causal=False)
+        elif lag is None:
+            # Drafting in a batch: each row sees its own verified prefix only (slots beyond it hold other tokens).
+            visible = key_padding_mask[:, None, None, :].to(device=query_states.device, dtype=torch.bool)
+            attn_output = self._attend(
+                _masked_implementation(implementation), query_states, keys, values, mask=visible, is_causal=False
+            )
         elif implementation != "eager" and _is_right_padded(key_padding_mask):
             attn_output = self._attend_with_shift(implementation, query_states, keys, values, lag)
         else:
@@ -280,15 +298,21 @@ class GlideCrossAttention(nn.Module):
         has_key = visible.any(-1)  # [B, Q]
         # A row with no visible key would give NaN (and NaN gradients): open key 0 for it, then zero its output.
         visible = visible | (~has_key[..., None] & (token == 0)[None, None, :])
-        if implementation not in ("eager", "sdpa"):
-            logger.warning_once(
-                f"GLIDE's training cross-attention needs an arbitrary mask for left-padded batches, which "
-                f"`{implementation}` cannot take; sdpa computes it instead. Right-pad training batches to keep "
-                f"`{implementation}`."
-            )
-            implementation = "sdpa"
-        attn_output = self._attend(implementation, query, keys, values, mask=visible[:, None], is_causal=False)
+        attn_output = self._attend(
+            _masked_implementation(implementation), query, keys, values, mask=visible[:, None], is_causal=False
+        )
         return attn_output * has_key[..., None, None].to(attn_output.dtype)
+
+
+def _masked_implementation(implementation: str) -> str:
+    """The attention implementation for a call that needs an arbitrary boolean mask."""
+    if implementation in ("eager", "sdpa"):
+        return implementation
+    logger.warning_once(
+        f"GLIDE's cross-attention needs an arbitrary mask here (left-padded training batches, batched drafting), "
+        f"which `{implementation}` cannot take; sdpa computes it instead."
+    )
+    return "sdpa"
 
 
 def _is_right_padded(padding_mask: torch.Tensor | None) -> bool:
@@ -706,6 +730,7 @@ class GlideModel(GlidePreTrainedModel):
         use_cache: bool | None = None,
         target_cache: Cache | None = None,
         draft_lag: int | None = None,
+        target_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -721,6 +746,8 @@ class GlideModel(GlidePreTrainedModel):
                 (drafting). An empty cache means no target context yet. When absent, the target runs on `input_ids`.
             draft_lag (`int`, *optional*): when the target runs here, a query at token t sees target keys of tokens
                 <= t - draft_lag. Default: random in `1..config.max_draft_lag` in training mode, 1 in eval mode.
+            target_attention_mask (`torch.Tensor` of shape `[batch, target_slots]`, *optional*): with
+                `target_cache`, which of its slots each row may see (the GLIDE engine's per-row verified prefixes).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -738,6 +765,7 @@ class GlideModel(GlidePreTrainedModel):
         key_padding_mask, lag = None, None
         if target_cache is not None:
             target_kv = read_target_kv(target_cache, self.config.target_kv_layer_index)
+            key_padding_mask = target_attention_mask
         else:
             if past_length > 0:
                 raise CacheStateError(
@@ -781,6 +809,18 @@ class GlideModel(GlidePreTrainedModel):
             hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
+    @torch.no_grad()
+    def self_attention_key_value(
+        self, input_ids: torch.LongTensor, position_ids: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft self-attention's keys/values `[B, H_kv, S, D]` for tokens at `position_ids`, without running
+        the rest of the layer: a token's self-attention keys depend on the token and its position only, so this is
+        all a prompt contributes to later draft steps through the sliding window."""
+        target = self._require_target()
+        embeds = target.get_input_embeddings()(input_ids).to(self.layer.input_layernorm.weight.dtype)
+        position_embeddings = target.get_decoder().rotary_emb(embeds, position_ids)
+        return self.layer.self_attn.project_key_value(self.layer.input_layernorm(embeds), position_embeddings)
+
     def _default_lag(self) -> int:
         if not self.training:
             return 1
@@ -823,6 +863,7 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         target_cache: Cache | None = None,
         draft_lag: int | None = None,
+        target_attention_mask: torch.Tensor | None = None,
         return_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -844,6 +885,7 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             target_cache=target_cache,
             draft_lag=draft_lag,
+            target_attention_mask=target_attention_mask,
         )
         hidden_states = outputs.last_hidden_state
         lm_head = self.get_output_embeddings()
@@ -867,22 +909,60 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             logits = lm_head(kept.to(lm_head.weight.dtype)).float()
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
-    def generate(self, *args, generation_config: GenerationConfig | None = None, **kwargs):
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        draft_strategy: str = "chain",
+        num_draft_tokens: int | None = None,
+        tree_widths: tuple[int, ...] | None = None,
+        cape_bins: tuple[int, ...] | None = None,
+        **kwargs,
+    ):
+        r"""Generate with the target, several tokens per target forward: output as `target.generate` would give.
+
+        Greedy output equals `target.generate(input_ids, ...)`; sampled output follows the same distribution.
+        Batches of any size with left-padded prompts work: each row accepts its own number of tokens per round and
+        finished rows leave the batch.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `[batch, length]`): prompts, left-padded.
+            attention_mask (`torch.Tensor` of shape `[batch, length]`, *optional*): 0 on padding.
+            generation_config (`GenerationConfig`, *optional*): as for `target.generate`; defaults to the target's.
+                Supported: greedy and sampling (`temperature`, `top_k`, `top_p`, `min_p`), `max_new_tokens`,
+                `max_length`, `min_new_tokens`, `eos_token_id` (each row stops on its own), `pad_token_id`,
+                `return_dict_in_generate` (then acceptance statistics are returned).
+            draft_strategy (`str`, *optional*, defaults to `"chain"`): `"chain"` (`num_draft_tokens` tokens a round),
+                `"tree"` (LongSpec's dynamic beam with `tree_widths`, default `(4, 16, 16, 16, 16)`), or `"cape"`
+                (a greedy spine of `num_draft_tokens` with confidence-dependent side candidates, `cape_bins`).
+            num_draft_tokens (`int`, *optional*): draft depth; defaults to `config.num_draft_tokens`.
+            kwargs: `stopping_criteria`, `streamer`, and generation settings (`max_new_tokens=...`).
+
+        Returns:
+            `torch.LongTensor` `[batch, length + new]`, or `GlideGenerateOutput` with `return_dict_in_generate=True`.
+
+        Transformers' assisted decoding also calls this method (with `generation_config.is_assistant` set) to draft
+        for `target.generate(..., assistant_model=draft)`; that path is batch size 1 and chain-only.
+        """
+        if generation_config is not None and generation_config.is_assistant:
+            return self._draft_for_assisted_decoding(input_ids, generation_config, **kwargs)
+        return glide_generate(
+            self, input_ids, attention_mask=attention_mask, generation_config=generation_config,
+            draft_strategy=draft_strategy, num_draft_tokens=num_draft_tokens, tree_widths=tree_widths,
+            cape_bins=cape_bins, **kwargs,
+        )
+
+    def _draft_for_assisted_decoding(self, input_ids, generation_config, **kwargs):
         """Draft tokens for `target.generate(..., assistant_model=draft)`.
 
-        Transformers' assisted decoding calls this every round with the accepted tokens and the draft's own cache;
-        the draft reads the target's cache of the same call (see `_TargetCacheRecorder`).
+        Transformers' assisted decoding calls `generate` every round with the accepted tokens and the draft's own
+        cache; the draft reads the target's cache of the same call (see `_TargetCacheRecorder`).
         """
-        if generation_config is None or not generation_config.is_assistant:
-            raise UnsupportedGenerationError(
-                "A GLIDE draft drafts for its target: call `target.generate(**inputs, assistant_model=draft)`. "
-                "The draft's own decoding engine is tracked in issue 3 and not available in this version."
-            )
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None or input_ids.shape[0] != 1:
             raise UnsupportedGenerationError(
-                "Transformers' assisted decoding supports batch size 1 only; the GLIDE engine for batches is tracked "
-                "in issue 3."
+                "Transformers' assisted decoding supports batch size 1 only; for batches call the draft's own "
+                "engine: `draft.generate(input_ids, attention_mask=...)`."
             )
         if kwargs.get("cache") is None:
             # First round of a new `target.generate` call: the target has not run yet, so any recorded cache belongs
@@ -899,7 +979,9 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
                     "target context this round (outputs stay exact, acceptance drops)."
                 )
                 target_cache = DynamicCache()
-        return super().generate(*args, generation_config=generation_config, target_cache=target_cache, **kwargs)
+        return super().generate(
+            input_ids=input_ids, generation_config=generation_config, target_cache=target_cache, **kwargs
+        )
 
 
 def default_generation_config(config: GlideConfig) -> GenerationConfig:

@@ -1,0 +1,139 @@
+"""Verification of a draft tree against the target: which nodes are accepted, and the token that follows.
+
+One rule serves greedy decoding and sampling, for chains and trees alike (engine-notes section 2, rule 1): at every
+node v the engine draws `s_v` from the target's processed distribution at v (its argmax when greedy); a child is
+accepted when its token equals its parent's draw, and the token emitted after the deepest accepted node is that
+node's draw. Every emitted token is therefore a draw from the target given the accepted prefix, so the output
+follows the target's distribution exactly. This holds because the draft chooses its candidates deterministically
+from its own logits (`tree.py`), independently of the verifier's random numbers, and sibling tokens are distinct.
+
+Logits are processed as `target.generate` does: temperature, then top-k, then top-p, then min-p (Transformers'
+own warpers, fp32), with end-of-sequence suppressed while fewer than `min_new_tokens` tokens exist.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .errors import UnsupportedGenerationError
+from .tree import DraftTree
+
+__all__ = ["Verdict", "build_warpers", "check_generation_config", "verify_tree"]
+
+# Settings whose processors read each token's history; a tree would need a history per node for them.
+_HISTORY_DEPENDENT = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "renormalize_logits": False,
+    "watermarking_config": None,
+}
+
+
+def check_generation_config(config: GenerationConfig) -> None:
+    """Raise `UnsupportedGenerationError` for a mode or setting the engine does not implement."""
+    if (config.num_beams or 1) > 1:
+        raise UnsupportedGenerationError(
+            f"`num_beams={config.num_beams}`: beam search is not speculative; call `target.generate` for it."
+        )
+    if (config.num_return_sequences or 1) > 1:
+        raise UnsupportedGenerationError(
+            "`num_return_sequences > 1` is not supported by the GLIDE engine; repeat the prompt in the batch instead."
+        )
+    for name, neutral in _HISTORY_DEPENDENT.items():
+        value = getattr(config, name, neutral)
+        if value is not None and value != neutral:
+            raise UnsupportedGenerationError(
+                f"`{name}={value!r}` is not supported by the GLIDE engine yet (its processor depends on each "
+                "token's history). Use `target.generate(..., assistant_model=draft)` for it."
+            )
+
+
+def build_warpers(config: GenerationConfig) -> LogitsProcessorList:
+    """Transformers' sampling warpers for `config`, in `generate`'s order."""
+    warpers = LogitsProcessorList()
+    if not config.do_sample:
+        return warpers
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    if config.min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
+    return warpers
+
+
+@dataclass
+class Verdict:
+    """The outcome of verifying one round's tree, per row."""
+
+    num_accepted: torch.Tensor  # [B] drafted tokens accepted (0..depth)
+    path: torch.Tensor  # [B, depth + 1] node index at each depth of the accepted path (padded with its depth)
+    next_token: torch.Tensor  # [B] the target's token after the accepted path
+
+
+def verify_tree(
+    tree: DraftTree,
+    target_logits: torch.Tensor,
+    warpers: LogitsProcessorList,
+    do_sample: bool,
+    suppress_eos: torch.Tensor | None = None,
+    eos_token_ids: list[int] | None = None,
+) -> Verdict:
+    """Accept the deepest path of `tree` whose every token matches the target's draw at its parent.
+
+    Args:
+        tree (`DraftTree`): the round's tree, `N` nodes per row.
+        target_logits (`torch.Tensor` `[B, N, V]`): the target's logits at every node.
+        warpers (`LogitsProcessorList`): sampling warpers (ignored when greedy).
+        do_sample (`bool`): draw from the processed distribution instead of taking its argmax.
+        suppress_eos (`torch.Tensor` `[B, N]` bool, *optional*): nodes after which end-of-sequence is forbidden
+            (fewer than `min_new_tokens` tokens so far), as Transformers' `MinNewTokensLengthLogitsProcessor` does.
+        eos_token_ids (`list[int]`, *optional*): the end-of-sequence tokens `suppress_eos` applies to.
+    """
+    batch, num_nodes, vocab = target_logits.shape
+    logits = target_logits.float()
+    if suppress_eos is not None and eos_token_ids:
+        eos = torch.tensor(eos_token_ids, device=logits.device)
+        forbidden = torch.zeros(vocab, dtype=torch.bool, device=logits.device).index_fill_(0, eos, True)
+        logits = logits.masked_fill(suppress_eos[:, :, None] & forbidden, float("-inf"))
+    if do_sample:
+        flat = warpers(None, logits.reshape(batch * num_nodes, vocab)).reshape(batch, num_nodes, vocab)
+        probs = torch.softmax(flat, dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, with no host synchronisation.
+        draws = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    else:
+        draws = logits.argmax(dim=-1)  # [B, N]
+    parents = tree.parents.clamp(min=0)
+    matches = tree.valid & (tree.tokens == draws.gather(1, parents))
+    matches[:, 0] = True  # the root is already emitted
+    accepted = ~(tree.ancestors & ~matches[:, None, :]).any(-1)  # every ancestor-or-self matches
+    best = torch.where(accepted, tree.depths, -1).argmax(dim=-1)  # [B], the deepest accepted node
+    num_accepted = tree.depths.gather(1, best[:, None])[:, 0]
+    on_path = tree.ancestors[torch.arange(batch, device=best.device), best]  # [B, N]
+    max_depth = int(tree.depths.max()) if tree.depths.numel() else 0
+    depth_grid = torch.arange(max_depth + 1, device=best.device)
+    node_at_depth = on_path[:, None, :] & (tree.depths[:, None, :] == depth_grid[None, :, None])  # [B, D+1, N]
+    node_index = torch.arange(num_nodes, device=best.device)
+    path = (node_at_depth.long() * node_index).sum(-1)
+    path = torch.where(node_at_depth.any(-1), path, depth_grid[None].expand_as(path))
+    return Verdict(num_accepted=num_accepted, path=path, next_token=draws.gather(1, best[:, None])[:, 0])

@@ -1,0 +1,292 @@
+"""The GLIDE engine, `draft.generate()`: exact greedy output for batches, chains, trees and CAPE; the target's
+distribution when sampling; constant draft memory; clear errors."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_assisted import CHI2_CRITICAL_63_DOF
+from test_modeling import VOCAB, build_draft, build_target, random_ids
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from glide_hf import GlideConfigError, GlideForCausalLM, UnsupportedGenerationError
+from glide_hf.engine import GlideGenerateOutput
+
+STRATEGIES = {
+    "chain": dict(draft_strategy="chain", num_draft_tokens=4),
+    "tree": dict(draft_strategy="tree", tree_widths=(3, 4, 4)),
+    "cape": dict(draft_strategy="cape", num_draft_tokens=3),
+}
+
+
+def left_pad(prompts: list[torch.Tensor], pad: int = 0):
+    width = max(prompt.shape[-1] for prompt in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.shape[-1] :] = prompt
+        mask[row, width - prompt.shape[-1] :] = 1
+    return ids, mask
+
+
+def assert_rows_equal_single_generation(target, draft, prompts, max_new_tokens, **engine_kwargs):
+    ids, mask = left_pad(prompts)
+    out = draft.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, **engine_kwargs)
+    for row, prompt in enumerate(prompts):
+        expected = target.generate(prompt[None], max_new_tokens=max_new_tokens, do_sample=False)[0, prompt.shape[-1] :]
+        got = out[row, ids.shape[1] : ids.shape[1] + expected.shape[0]]
+        assert torch.equal(got, expected), (row, got, expected)
+        assert (out[row, ids.shape[1] + expected.shape[0] :] == target.generation_config.pad_token_id).all()
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_greedy_engine_output_equals_target_output(family, strategy):
+    target = build_target(family)
+    draft = build_draft(target, sliding_window=6)
+    prompts = [random_ids(1, length, seed=length)[0] for length in (3, 11)]
+    assert_rows_equal_single_generation(target, draft, prompts, 24, **STRATEGIES[strategy])
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4])
+def test_greedy_batches_of_different_prompt_lengths_equal_single_generation(batch_size):
+    target = build_target()
+    draft = build_draft(target, sliding_window=5)
+    prompts = [random_ids(1, 2 + 7 * row, seed=row)[0] for row in range(batch_size)]
+    assert_rows_equal_single_generation(target, draft, prompts, 20, **STRATEGIES["tree"])
+
+
+def test_prompts_longer_than_the_sliding_window_and_long_generations_are_exact():
+    target = build_target()
+    draft = build_draft(target, sliding_window=3)
+    prompts = [random_ids(1, 40, seed=1)[0], random_ids(1, 9, seed=2)[0]]
+    assert_rows_equal_single_generation(target, draft, prompts, 50, **STRATEGIES["chain"])
+
+
+def test_end_of_sequence_stops_one_row_and_not_the_others():
+    target = build_target()
+    draft = build_draft(target)
+    prompts = [random_ids(1, 5, seed=3)[0], random_ids(1, 8, seed=4)[0]]
+    free = target.generate(prompts[0][None], max_new_tokens=30, do_sample=False)[0, 5:]
+    eos = int(free[6])  # a token row 0 produces early becomes end-of-sequence
+    target.generation_config.eos_token_id = eos
+    try:
+        assert_rows_equal_single_generation(target, draft, prompts, 30, **STRATEGIES["chain"])
+        ids, mask = left_pad(prompts)
+        out = draft.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                             return_dict_in_generate=True)
+    finally:
+        target.generation_config.eos_token_id = 2
+    first_eos = int((free == eos).nonzero()[0])
+    assert out.new_tokens[0] == first_eos + 1
+    assert out.new_tokens[1] > out.new_tokens[0]
+    assert out.accepted_per_round[-1, 0] == -1  # row 0 left the batch before the last round
+
+
+def test_min_new_tokens_holds_end_of_sequence_back_as_the_target_does():
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(1, 5, seed=3)
+    free = target.generate(prompt, max_new_tokens=30, do_sample=False)[0, 5:]
+    eos = int(free[3])
+    expected = target.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=eos, min_new_tokens=10)
+    got = draft.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=eos, min_new_tokens=10)
+    assert torch.equal(expected, got)
+
+
+def test_return_dict_reports_acceptance_statistics():
+    target = build_target()
+    draft = build_draft(target)
+    ids, mask = left_pad([random_ids(1, 6, seed=1)[0], random_ids(1, 4, seed=2)[0]])
+    out = draft.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                         return_dict_in_generate=True)
+    assert isinstance(out, GlideGenerateOutput)
+    assert out.accepted_per_round.shape == (out.num_rounds, 2)
+    assert out.num_target_forwards == out.num_rounds + 1
+    assert out.new_tokens.tolist() == [16, 16]
+    accepted = out.accepted_per_round.clamp(min=0).sum(0)
+    assert torch.equal(accepted + out.num_rounds + 1 >= out.new_tokens, torch.tensor([True, True]))
+    assert out.tokens_per_target_forward == pytest.approx(32 / out.num_target_forwards)
+
+
+def test_agreeing_draft_accepts_every_drafted_token():
+    target = build_target(num_hidden_layers=1)
+    with torch.no_grad():  # the target becomes a bigram model: its next token depends on the current token only
+        target.model.layers[0].self_attn.o_proj.weight.zero_()
+        target.model.layers[0].mlp.down_proj.weight.zero_()
+    draft = build_draft(target, sliding_window=4)
+    with torch.no_grad():
+        for module in (draft.model.layer.self_attn.o_proj, draft.model.layer.cross_attn.o_proj,
+                       draft.model.layer.mlp.down_proj):
+            module.weight.zero_()
+        draft.model.norm.weight.copy_(target.model.norm.weight)
+    prompt = random_ids(1, 6)
+    out = draft.generate(prompt, max_new_tokens=31, do_sample=False, eos_token_id=None,
+                         return_dict_in_generate=True, num_draft_tokens=5)
+    assert torch.equal(out.sequences, target.generate(prompt, max_new_tokens=31, do_sample=False, eos_token_id=None))
+    assert out.accepted_per_round[:-1].eq(5).all()
+    assert out.tokens_per_target_forward > 5
+
+
+def test_draft_memory_does_not_grow_with_the_context(monkeypatch):
+    """The draft's cache is a ring of `sliding_window + 2` slots plus the tree's slots, whatever the prompt."""
+    target = build_target()
+    draft = build_draft(target, sliding_window=4)
+    shapes = []
+    forward = draft.model.forward
+
+    def record(*args, **kwargs):
+        shapes.append(tuple(kwargs["cache"].layers[0].keys.shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(draft.model, "forward", record)
+    for length in (5, 300):
+        draft.generate(random_ids(1, length), max_new_tokens=8, do_sample=False, **STRATEGIES["tree"])
+    num_nodes = 1 + sum(STRATEGIES["tree"]["tree_widths"])
+    assert set(shapes) == {(1, 2, 4 + 2 + num_nodes, 16)}
+
+
+# Sampling: the engine's first two tokens follow the target's exact two-token distribution.
+def _two_token_setup():
+    vocab = 8
+    target = build_target(vocab_size=vocab, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(3)
+    draft = build_draft(target)
+    prompt = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        first = torch.softmax(target(prompt).logits[0, -1], -1)
+        extended = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)
+        second = torch.softmax(target(extended).logits[:, -1], -1)
+    return target, draft, prompt, first[:, None] * second
+
+
+def _chi_square(counts, probabilities):
+    expected = counts.sum() * probabilities
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_sampling_follows_the_target_distribution(strategy):
+    """Chi-square over the 64 cells of the first two tokens, 4000 rows in one batch (fixed seed, alpha 0.001)."""
+    target, draft, prompt, exact = _two_token_setup()
+    torch.manual_seed(0)
+    out = draft.generate(prompt.repeat(4000, 1), max_new_tokens=2, do_sample=True, pad_token_id=0,
+                         **STRATEGIES[strategy])
+    counts = torch.zeros(8, 8)
+    counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
+    assert _chi_square(counts, exact) < CHI2_CRITICAL_63_DOF
+
+
+def test_the_sampling_test_rejects_a_sampler_that_trusts_the_draft():
+    """Negative control: forcing acceptance of every drafted token (a benchmark-only switch) must fail the test."""
+    target, draft, prompt, exact = _two_token_setup()
+    torch.manual_seed(0)
+    out = draft.generate(prompt.repeat(4000, 1), max_new_tokens=2, do_sample=True, pad_token_id=0,
+                         draft_strategy="chain", num_draft_tokens=1, forced_acceptance=1)
+    counts = torch.zeros(8, 8)
+    counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
+    assert _chi_square(counts, exact) > CHI2_CRITICAL_63_DOF
+
+
+def test_top_k_and_top_p_keep_samples_in_the_targets_support():
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(1, 5)
+    with torch.no_grad():
+        allowed = target(prompt).logits[0, -1].topk(3).indices
+    torch.manual_seed(0)
+    out = draft.generate(prompt.repeat(200, 1), max_new_tokens=1, do_sample=True, top_k=3, top_p=0.99)
+    assert torch.isin(out[:, -1], allowed).all()
+
+
+class StopAfter(StoppingCriteria):
+    def __init__(self, length):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+def test_stopping_criteria_end_generation():
+    target = build_target()
+    draft = build_draft(target)
+    out = draft.generate(random_ids(1, 5), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                         stopping_criteria=StoppingCriteriaList([StopAfter(12)]))
+    assert 12 <= out.shape[1] < 45
+
+
+def test_streamer_receives_prompt_then_every_new_token():
+    target = build_target()
+    draft = build_draft(target)
+    received = []
+
+    class Collect:
+        def put(self, value):
+            received.append(value.reshape(-1).tolist())
+
+        def end(self):
+            received.append("end")
+
+    prompt = random_ids(1, 5)
+    out = draft.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, streamer=Collect())
+    assert received[0] == prompt[0].tolist() and received[-1] == "end"
+    assert sum(received[1:-1], []) == out[0, 5:].tolist()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    window=st.integers(1, 9),
+    lengths=st.lists(st.integers(1, 14), min_size=1, max_size=3),
+    strategy=st.sampled_from(sorted(STRATEGIES)),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 1000),
+)
+def test_greedy_output_is_exact_over_random_configurations(window, lengths, strategy, kv_heads, seed):
+    target = build_target(num_key_value_heads=kv_heads, seed=seed)
+    draft = build_draft(target, sliding_window=window, seed=seed + 1)
+    prompts = [random_ids(1, length, seed=seed + row)[0] for row, length in enumerate(lengths)]
+    assert_rows_equal_single_generation(target, draft, prompts, 10, **STRATEGIES[strategy])
+
+
+def test_unknown_generation_arguments_are_rejected():
+    draft = build_draft(build_target())
+    with pytest.raises(TypeError, match="max_new_tokenz"):
+        draft.generate(random_ids(1, 4), max_new_tokenz=3)
+
+
+def test_beam_search_is_rejected_with_a_clear_error():
+    draft = build_draft(build_target())
+    with pytest.raises(UnsupportedGenerationError, match="num_beams"):
+        draft.generate(random_ids(1, 4), max_new_tokens=3, num_beams=2)
+
+
+def test_repetition_penalty_is_rejected_with_a_clear_error():
+    draft = build_draft(build_target())
+    with pytest.raises(UnsupportedGenerationError, match="repetition_penalty"):
+        draft.generate(random_ids(1, 4), max_new_tokens=3, repetition_penalty=1.3)
+
+
+def test_prompt_beyond_the_targets_positions_is_rejected():
+    draft = build_draft(build_target(max_position_embeddings=32))
+    with pytest.raises(UnsupportedGenerationError, match="max_position_embeddings=32"):
+        draft.generate(random_ids(1, 30), max_new_tokens=8)
+
+
+def test_generate_without_a_target_is_rejected():
+    target = build_target()
+    from glide_hf import GlideConfig
+
+    draft = GlideForCausalLM(GlideConfig(target_config=target.config, sliding_window=8))
+    with pytest.raises(UnsupportedGenerationError, match="no target attached"):
+        draft.generate(random_ids(1, 4), max_new_tokens=3)
+
+
+def test_unknown_strategy_and_bad_tree_widths_are_rejected():
+    draft = build_draft(build_target())
+    with pytest.raises(GlideConfigError, match="draft_strategy"):
+        draft.generate(random_ids(1, 4), max_new_tokens=3, draft_strategy="beam")
+    with pytest.raises(GlideConfigError, match="tree_widths"):
+        draft.generate(random_ids(1, 4), max_new_tokens=3, draft_strategy="tree", tree_widths=(2, 0))
+    with pytest.raises(GlideConfigError, match="tree_widths"):
+        draft.generate(random_ids(1, 4), max_new_tokens=3, draft_strategy="tree", tree_widths=(VOCAB + 1,))
