@@ -63,3 +63,21 @@ def test_trainer_trains_with_liger_on_a_bfloat16_target(tmp_path, monkeypatch):
     assert calls, "the liger loss was not used"
     assert losses[-1] < losses[0] - 0.5  # from ln(300) = 5.7 at the start
     assert draft.model.layer.mlp.up_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "strategy", [dict(draft_strategy="chain"), dict(draft_strategy="tree", tree_widths=(4, 8, 8))]
+)
+def test_engine_greedy_batch_equals_target_output_on_cuda(strategy):
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    prompts = [random_ids(1, length, seed=length).cuda() for length in (5, 17, 30)]
+    width = max(prompt.shape[1] for prompt in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.shape[1] :], mask[row, width - prompt.shape[1] :] = prompt[0], 1
+    out = draft.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None, **strategy)
+    for row, prompt in enumerate(prompts):
+        expected = target.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None)[0, prompt.shape[1] :]
+        assert torch.equal(out[row, width:], expected)

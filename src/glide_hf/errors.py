@@ -58,6 +58,14 @@ class CheckpointFormatError(GlideError, ValueError):
     """A checkpoint to convert is not in the expected format (file type, tensor names, dtypes)."""
 
 
+class PeftConfigError(GlideError, ValueError):
+    """A PEFT (LoRA) setting for a GLIDE draft that would reach the frozen target or names no draft module."""
+
+
+class ResumeMismatchError(GlideError, ValueError):
+    """An output file to resume holds records that do not answer the prompts of the input data in order."""
+
+
 __all__ = [
     "CacheStateError",
     "ChatTemplateError",
@@ -67,6 +75,8 @@ __all__ = [
     "EmptyDatasetError",
     "GlideConfigError",
     "GlideError",
+    "PeftConfigError",
+    "ResumeMismatchError",
     "TargetMismatchError",
     "TargetNotAttachedError",
     "TargetNotFoundError",

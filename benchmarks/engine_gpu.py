@@ -1,0 +1,212 @@
+"""GPU benchmark of the GLIDE engine at Llama-3-8B shape (random bf16 weights), and a long-context exactness check.
+
+Measures, in one process on one card (issue 3, item 8):
+- vanilla `target.generate` tokens/s (dynamic cache, and static cache with Transformers' auto-compile);
+- one draft step against one target step (1-token query, 1k context);
+- verification of 1, 8, 32, 64 tree nodes at 1k and 16k context, relative to a one-token step;
+- the draft cache's bytes at 1k and 32k context;
+- engine tokens/s with a 5-token chain at forced acceptance 1..5 (BENCHMARK-ONLY switch: the engine pretends the
+  first k drafts matched, so the output is NOT the target's; it isolates speed from draft quality);
+- engine tokens/s at batch 1, 4 and 16 (forced acceptance 3) against vanilla `generate` at the same batch;
+- greedy exactness of the engine on a 32k-token prompt (a smaller fp32 Llama, where ties cannot flip).
+
+Run: `python benchmarks/engine_gpu.py --out DIR` (prints a table, writes engine_gpu.json).
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from glide_hf import GlideForCausalLM
+from glide_hf.engine import glide_generate
+
+# `--tiny` runs the whole script on the CPU with a small model, to check it before spending GPU time.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=40000, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LLAMA3_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cuda_time(fn, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds of `fn()` over `repeats` runs, with device synchronisation."""
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def build(config_fields: dict, dtype: torch.dtype, sliding_window: int = 512):
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        target = LlamaForCausalLM(LlamaConfig(**config_fields)).to(dtype).eval()
+        draft = GlideForCausalLM.from_target(target, sliding_window=sliding_window).to(dtype).eval()
+    return target, draft
+
+
+def prompt_of(length: int, batch: int = 1, vocab: int = 500) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+
+
+def vanilla_tokens_per_second(target, prompt, new_tokens: int, **kwargs) -> float:
+    def run():
+        target.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+
+    return prompt.shape[0] * new_tokens / cuda_time(run, repeats=3, warmup=1)
+
+
+def engine_tokens_per_second(draft, prompt, new_tokens: int, **kwargs) -> tuple[float, float]:
+    outputs = {}
+
+    def run():
+        outputs["out"] = glide_generate(
+            draft, prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+            return_dict_in_generate=True, **kwargs,
+        )
+
+    seconds = cuda_time(run, repeats=3, warmup=1)
+    out = outputs["out"]
+    return float(out.new_tokens.sum()) / seconds, out.tokens_per_target_forward
+
+
+def step_times(target, draft, context: int) -> dict:
+    """One target step (1 token) and one draft step, both reading a `context`-token target cache."""
+    from transformers import GenerationConfig
+
+    from glide_hf.engine import _draft_step, _prefill
+    from glide_hf.tree import chain
+
+    prompt = prompt_of(context)
+    config = GenerationConfig(do_sample=False, max_new_tokens=8)
+    with torch.no_grad():
+        call, rows, _ = _prefill(draft, target, chain(1), config, prompt, torch.ones_like(prompt), 80, [], None, None)
+        verified = torch.arange(call.target_cache.num_slots, device=DEVICE)[None] < rows.lengths[:, None]
+        ring = call.draft_cache
+        token = rows.roots[:, None]
+        position = rows.lengths[:, None]
+
+        def draft_step():  # the engine's draft step, mask building included
+            _draft_step(call, token, position, ring.ring_slots(position), None, None, verified)
+
+        results = {"draft_step_ms": 1000 * cuda_time(draft_step, repeats=20, warmup=3)}
+        slots = call.target_cache.num_slots
+        for nodes in (1, 8, 32, 64):
+            tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
+            positions = rows.lengths[:, None] + torch.arange(nodes, device=DEVICE)[None]
+            call.target_cache.set_write_slots(positions)
+            slot = torch.arange(slots, device=DEVICE)[None, None, None]
+            causal = torch.arange(nodes, device=DEVICE)[None, None, :, None]
+            mask = (slot < rows.lengths[:, None, None, None]) | (
+                (slot - rows.lengths[:, None, None, None] <= causal) & (slot >= rows.lengths[:, None, None, None])
+            )
+
+            def verify(tokens=tokens, positions=positions, mask=mask, nodes=nodes):
+                target(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=call.target_cache,
+                       use_cache=True, logits_to_keep=nodes)
+
+            results[f"verify_{nodes}_ms"] = 1000 * cuda_time(verify, repeats=10, warmup=2)
+        results["draft_cache_bytes"] = sum(
+            tensor.numel() * tensor.element_size() for tensor in (ring.layers[0].keys, ring.layers[0].values)
+        )
+    torch.cuda.empty_cache()
+    return results
+
+
+def long_context_exactness(context: int, new_tokens: int, tiny: bool) -> dict:
+    fields = TINY if tiny else dict(LLAMA3_8B, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                                    num_attention_heads=8, num_key_value_heads=2, vocab_size=4096)
+    target, draft = build(fields, torch.float32, sliding_window=64)
+    prompt = prompt_of(context, vocab=fields["vocab_size"])
+    with torch.no_grad():
+        expected = target.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+        results = {}
+        for strategy, kwargs in (("chain", {}), ("tree", {"tree_widths": (4, 8, 8, 8)})):
+            got = draft.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                 draft_strategy=strategy, **kwargs)
+            results[f"greedy_identical_{strategy}_{context}"] = bool(torch.equal(expected, got))
+    del target, draft
+    torch.cuda.empty_cache()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--skip-long", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="small model, short runs: a smoke test of this script")
+    args = parser.parse_args()
+    model_fields = TINY if args.tiny else LLAMA3_8B
+    contexts = (64, 256) if args.tiny else (1024, 16384)
+    long_context = 512 if args.tiny else 32768
+    import transformers
+
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = {"device": device_name, "torch": torch.__version__,
+               "transformers": transformers.__version__}
+    if not args.skip_long:
+        results.update(long_context_exactness(long_context, 32, args.tiny))
+    target, draft = build(model_fields, torch.float32 if args.tiny else torch.bfloat16)
+    prompt = prompt_of(128)
+    results["vanilla_dynamic_tok_s"] = vanilla_tokens_per_second(target, prompt, args.new_tokens)
+    results["vanilla_static_tok_s"] = vanilla_tokens_per_second(
+        target, prompt, args.new_tokens, cache_implementation="static"
+    )
+    for context in contexts:
+        results[f"steps_{context}"] = step_times(target, draft, context)
+    results["draft_cache_bytes_long"] = step_times(target, draft, long_context)["draft_cache_bytes"]
+    for accepted in range(1, 6):
+        tok_s, tau = engine_tokens_per_second(draft, prompt, args.new_tokens, num_draft_tokens=5,
+                                              forced_acceptance=accepted)
+        results[f"engine_forced_{accepted}_tok_s"] = tok_s
+        results[f"engine_forced_{accepted}_tau"] = tau
+    for batch in (1, 4, 16):
+        batch_prompt = prompt_of(128, batch)
+        results[f"batch_{batch}_vanilla_tok_s"] = vanilla_tokens_per_second(target, batch_prompt, args.new_tokens)
+        results[f"batch_{batch}_engine_forced3_tok_s"] = engine_tokens_per_second(
+            draft, batch_prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=3
+        )[0]
+    with open(os.path.join(args.out, "engine_gpu.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(json.dumps(results, indent=1))
+    one = {c: results[f"steps_{c}"] for c in contexts}
+    print(f"\n{results['device']} | torch {results['torch']} | transformers {results['transformers']}")
+    print(f"vanilla generate: dynamic {results['vanilla_dynamic_tok_s']:.1f} tok/s, "
+          f"static {results['vanilla_static_tok_s']:.1f} tok/s")
+    for context, steps in one.items():
+        base = steps["verify_1_ms"]
+        print(f"ctx {context:>6}: target 1-token {base:.2f} ms | draft {steps['draft_step_ms']:.2f} ms "
+              f"({100 * steps['draft_step_ms'] / base:.1f}%) | verify 8/32/64 nodes "
+              + " / ".join(f"{steps[f'verify_{n}_ms'] / base:.2f}x" for n in (8, 32, 64)))
+    print(f"draft cache: {one[contexts[0]]['draft_cache_bytes']} B at {contexts[0]} tokens, "
+          f"{results['draft_cache_bytes_long']} B at {long_context}")
+    print("engine (FORCED acceptance, benchmark only): "
+          + ", ".join(f"{k}: {results[f'engine_forced_{k}_tok_s']:.1f}" for k in range(1, 6)) + " tok/s")
+    batches = [
+        f"B={b}: {results[f'batch_{b}_vanilla_tok_s']:.0f} / {results[f'batch_{b}_engine_forced3_tok_s']:.0f}"
+        for b in (1, 4, 16)
+    ]
+    print("batch (vanilla / engine forced 3): " + ", ".join(batches))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
