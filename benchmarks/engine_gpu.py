@@ -54,6 +54,21 @@ def cuda_time(fn, repeats: int = 5, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_time(fn, repeats: int = 20) -> float:
+    """Median seconds of one replay of `fn` captured as a CUDA graph (falls back to eager timing on the CPU)."""
+    if not torch.cuda.is_available():
+        return cuda_time(fn, repeats)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_time(graph.replay, repeats)
+
+
 def build(config_fields: dict, dtype: torch.dtype, sliding_window: int = 512):
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -106,7 +121,10 @@ def step_times(target, draft, context: int) -> dict:
         def draft_step():  # the engine's draft step, mask building included
             _draft_step(call, token, position, ring.ring_slots(position), None, None, verified)
 
-        results = {"draft_step_ms": 1000 * cuda_time(draft_step, repeats=20, warmup=3)}
+        results = {
+            "draft_step_ms": 1000 * cuda_time(draft_step, repeats=20, warmup=3),
+            "draft_step_graph_ms": 1000 * graph_time(draft_step),
+        }
         slots = call.target_cache.num_slots
         for nodes in (1, 8, 32, 64):
             tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
@@ -123,6 +141,7 @@ def step_times(target, draft, context: int) -> dict:
                        use_cache=True, logits_to_keep=nodes)
 
             results[f"verify_{nodes}_ms"] = 1000 * cuda_time(verify, repeats=10, warmup=2)
+            results[f"verify_{nodes}_graph_ms"] = 1000 * graph_time(verify, repeats=10)
         results["draft_cache_bytes"] = sum(
             tensor.numel() * tensor.element_size() for tensor in (ring.layers[0].keys, ring.layers[0].values)
         )
@@ -178,6 +197,9 @@ def main() -> int:
                                               forced_acceptance=accepted)
         results[f"engine_forced_{accepted}_tok_s"] = tok_s
         results[f"engine_forced_{accepted}_tau"] = tau
+    results["engine_forced_3_eager_tok_s"] = engine_tokens_per_second(
+        draft, prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=3, use_cuda_graphs=False
+    )[0]
     for batch in (1, 4, 16):
         batch_prompt = prompt_of(128, batch)
         results[f"batch_{batch}_vanilla_tok_s"] = vanilla_tokens_per_second(target, batch_prompt, args.new_tokens)
@@ -192,12 +214,15 @@ def main() -> int:
     print(f"vanilla generate: dynamic {results['vanilla_dynamic_tok_s']:.1f} tok/s, "
           f"static {results['vanilla_static_tok_s']:.1f} tok/s")
     for context, steps in one.items():
-        base = steps["verify_1_ms"]
-        print(f"ctx {context:>6}: target 1-token {base:.2f} ms | draft {steps['draft_step_ms']:.2f} ms "
-              f"({100 * steps['draft_step_ms'] / base:.1f}%) | verify 8/32/64 nodes "
-              + " / ".join(f"{steps[f'verify_{n}_ms'] / base:.2f}x" for n in (8, 32, 64)))
+        for kind in ("", "_graph"):
+            base = steps[f"verify_1{kind}_ms"]
+            draft_ms = steps[f"draft_step{kind}_ms"]
+            print(f"ctx {context:>6} {'graphs' if kind else 'eager':>6}: target 1-token {base:.2f} ms | draft "
+                  f"{draft_ms:.2f} ms ({100 * draft_ms / base:.1f}%) | verify 8/32/64 nodes "
+                  + " / ".join(f"{steps[f'verify_{n}{kind}_ms'] / base:.2f}x" for n in (8, 32, 64)))
     print(f"draft cache: {one[contexts[0]]['draft_cache_bytes']} B at {contexts[0]} tokens, "
           f"{results['draft_cache_bytes_long']} B at {long_context}")
+    print(f"engine forced 3 without CUDA graphs: {results['engine_forced_3_eager_tok_s']:.1f} tok/s")
     print("engine (FORCED acceptance, benchmark only): "
           + ", ".join(f"{k}: {results[f'engine_forced_{k}_tok_s']:.1f}" for k in range(1, 6)) + " tok/s")
     batches = [

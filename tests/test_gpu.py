@@ -81,3 +81,30 @@ def test_engine_greedy_batch_equals_target_output_on_cuda(strategy):
     for row, prompt in enumerate(prompts):
         expected = target.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None)[0, prompt.shape[1] :]
         assert torch.equal(out[row, width:], expected)
+
+
+def test_engine_with_cuda_graphs_equals_eager_engine_when_rows_finish_at_different_times():
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    prompts = torch.stack([random_ids(1, 12, seed=seed)[0] for seed in range(4)]).cuda()
+    free = target.generate(prompts[:1], max_new_tokens=40, do_sample=False, eos_token_id=None)[0, 12:]
+    eos = int(free[5])  # row 0 stops early; the others go on, so the graph is captured again for fewer rows
+    outputs = [
+        draft.generate(prompts, max_new_tokens=40, do_sample=False, eos_token_id=eos, use_cuda_graphs=graphs)
+        for graphs in (False, True)
+    ]
+    assert torch.equal(outputs[0], outputs[1])
+    for row in range(4):
+        expected = target.generate(prompts[row : row + 1], max_new_tokens=40, do_sample=False, eos_token_id=eos)
+        assert torch.equal(outputs[1][row, : expected.shape[1]], expected[0])
+
+
+def test_sampling_with_cuda_graphs_keeps_tokens_in_the_top_k_support():
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    prompt = random_ids(1, 5).cuda()
+    with torch.no_grad():
+        allowed = target(prompt).logits[0, -1].topk(3).indices
+    torch.manual_seed(0)
+    out = draft.generate(prompt.repeat(64, 1), max_new_tokens=6, do_sample=True, top_k=3, use_cuda_graphs=True)
+    assert torch.isin(out[:, 5], allowed).all()

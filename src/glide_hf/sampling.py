@@ -97,7 +97,8 @@ def verify_tree(
     warpers: LogitsProcessorList,
     do_sample: bool,
     suppress_eos: torch.Tensor | None = None,
-    eos_token_ids: list[int] | None = None,
+    eos_token_ids: torch.Tensor | None = None,
+    max_depth: int | None = None,
 ) -> Verdict:
     """Accept the deepest path of `tree` whose every token matches the target's draw at its parent.
 
@@ -108,13 +109,13 @@ def verify_tree(
         do_sample (`bool`): draw from the processed distribution instead of taking its argmax.
         suppress_eos (`torch.Tensor` `[B, N]` bool, *optional*): nodes after which end-of-sequence is forbidden
             (fewer than `min_new_tokens` tokens so far), as Transformers' `MinNewTokensLengthLogitsProcessor` does.
-        eos_token_ids (`list[int]`, *optional*): the end-of-sequence tokens `suppress_eos` applies to.
+        eos_token_ids (`torch.Tensor`, *optional*): the end-of-sequence tokens `suppress_eos` applies to.
+        max_depth (`int`, *optional*): the tree's depth, if known (avoids reading it from the device).
     """
     batch, num_nodes, vocab = target_logits.shape
     logits = target_logits.float()
-    if suppress_eos is not None and eos_token_ids:
-        eos = torch.tensor(eos_token_ids, device=logits.device)
-        forbidden = torch.zeros(vocab, dtype=torch.bool, device=logits.device).index_fill_(0, eos, True)
+    if suppress_eos is not None and eos_token_ids is not None and eos_token_ids.numel() > 0:
+        forbidden = torch.zeros(vocab, dtype=torch.bool, device=logits.device).index_fill_(0, eos_token_ids, True)
         logits = logits.masked_fill(suppress_eos[:, :, None] & forbidden, float("-inf"))
     if do_sample:
         flat = warpers(None, logits.reshape(batch * num_nodes, vocab)).reshape(batch, num_nodes, vocab)
@@ -130,7 +131,8 @@ def verify_tree(
     best = torch.where(accepted, tree.depths, -1).argmax(dim=-1)  # [B], the deepest accepted node
     num_accepted = tree.depths.gather(1, best[:, None])[:, 0]
     on_path = tree.ancestors[torch.arange(batch, device=best.device), best]  # [B, N]
-    max_depth = int(tree.depths.max()) if tree.depths.numel() else 0
+    if max_depth is None:
+        max_depth = int(tree.depths.max())
     depth_grid = torch.arange(max_depth + 1, device=best.device)
     node_at_depth = on_path[:, None, :] & (tree.depths[:, None, :] == depth_grid[None, :, None])  # [B, D+1, N]
     node_index = torch.arange(num_nodes, device=best.device)

@@ -128,8 +128,12 @@ class DraftRingCache(SlotCache):
     def record_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
         self.slot_positions.scatter_(1, slots, positions)
 
-    def clear_tree(self) -> None:
+    def clear_tree(self, root_positions: torch.Tensor) -> None:
+        """Start a round: empty the tree slots, and forget any ring slot beyond the root `root_positions` `[B]`
+        (none exists in normal use; a warm-up round before a CUDA graph capture may leave some)."""
         self.slot_positions[:, self.ring_size :] = -1
+        ring = self.slot_positions[:, : self.ring_size]
+        ring.masked_fill_(ring > root_positions[:, None], -1)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         super().select_rows(rows)

@@ -57,12 +57,16 @@ class TreePolicy:
         """Index of the first node of `level` (1-based; level 0 is the root)."""
         return 1 + sum(self.widths[: level - 1])
 
-    def select(self, level: int, logprobs: torch.Tensor, parent_scores: torch.Tensor):
+    def select(
+        self, level: int, logprobs: torch.Tensor, parent_scores: torch.Tensor, cape_bins: torch.Tensor | None = None
+    ):
         """Children for `level` from the fed parents' draft log-probabilities.
 
         Args:
             logprobs (`torch.Tensor` `[B, P, V]`): log-probabilities after each of the P fed parents.
             parent_scores (`torch.Tensor` `[B, P]`): cumulative log-probabilities of those parents.
+            cape_bins (`torch.Tensor`, *optional*): `self.cape_bins` on the device (made once per call, so that a
+                round holds no host-to-device copy and can be captured in a CUDA graph).
 
         Returns:
             `(parent, tokens, scores, valid)`, each `[B, widths[level - 1]]`; `parent` indexes the P fed parents.
@@ -72,9 +76,10 @@ class TreePolicy:
         if self.kind == "cape":
             top, tokens = logprobs[:, 0].topk(width, dim=-1)  # the spine node is the only fed parent
             confidence = top[:, 0].exp()  # [B]
-            bins = torch.tensor(self.cape_bins, device=logprobs.device)
+            if cape_bins is None:
+                cape_bins = torch.tensor(self.cape_bins, device=logprobs.device)
             decile = (confidence * 10).long().clamp(0, len(self.cape_bins) - 1)
-            count = bins[decile].clamp(max=width)  # [B]
+            count = cape_bins[decile].clamp(max=width)  # [B]
             valid = torch.arange(width, device=logprobs.device)[None] < count[:, None]
             parent = torch.zeros_like(tokens)
             return parent, tokens, parent_scores[:, :1] + top, valid
@@ -155,9 +160,10 @@ class DraftTree:
         self.valid[:, nodes] = valid & self.valid.gather(1, parents)
         self.scores[:, nodes] = scores
         parent_rows = self.ancestors.gather(1, parents[:, :, None].expand(-1, -1, self.ancestors.shape[-1]))
-        own = torch.zeros_like(parent_rows)
-        own[:, torch.arange(width), torch.arange(start, start + width)] = True
-        self.ancestors[:, nodes] = parent_rows | own
+        own = torch.arange(self.ancestors.shape[-1], device=tokens.device) == torch.arange(
+            start, start + width, device=tokens.device
+        )[:, None]  # [width, N]: each new node is its own ancestor
+        self.ancestors[:, nodes] = parent_rows | own[None]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         for name in ("tokens", "parents", "depths", "valid", "ancestors", "scores"):
