@@ -1,0 +1,851 @@
+"""Training data for GLIDE drafts: files to tokenized rows, and rows to batches.
+
+Pipeline (`prepare_data` runs it end to end; each step is also a public function):
+
+1. `load_records`: JSONL, JSON or Parquet files, or a `datasets` dataset saved with `save_to_disk`, read into one
+   `datasets.Dataset` of normalised records in one of three formats, detected from the fields of the first record
+   of each input or forced with `data_format`:
+   - `chat`: `{"messages": [{"role": ..., "content": ...}, ...]}`; loss on assistant turns only.
+   - `source_target`: `{"source": ..., "target": ...}` (LongSpec's pairs; `source` may be absent); loss on the
+     target only.
+   - `text`: `{"text": ...}`; loss on every token.
+   A malformed record raises `DataFormatError` naming the file and line (or row); with `skip_bad_lines` it is
+   skipped, and the skips are counted and logged per file. Records are streamed into Arrow files in the `datasets`
+   cache (keyed by the files' paths, sizes and modification times), so data larger than memory works and other
+   ranks reuse what rank 0 wrote.
+2. `tokenize_records`: token ids and labels (`-100` where no loss is wanted) with the target's tokenizer; samples
+   over `max_length` are truncated or dropped (`overflow`), samples left without a trainable token are dropped;
+   both are counted and logged (`TokenizationStats`).
+3. `pack_rows` (optional): samples are concatenated into rows of exactly `max_length` tokens.
+4. `GlideDataCollator`: right padding, and LongSpec's Anchor-Offset `position_ids` when enabled.
+
+Chat masking. Loss positions are the characters of each assistant turn as the chat template renders it: the text
+between `render(messages[:i], add_generation_prompt=True)` and `render(messages[:i + 1])` (the reply and the
+template's end-of-turn markers, e.g. `<|im_end|>` or `<|eot_id|>`, which the draft must learn to predict). The full
+conversation is tokenized once, and a token is trained when its character offset falls in such a span. Working on
+characters rather than on token prefixes keeps the mask exact when a BPE merge crosses the boundary between the
+template's header and the reply. A turn whose prefix renders differently inside the full conversation (templates
+that rewrite earlier turns, such as Qwen3 dropping earlier reasoning) is left untrained, counted and logged.
+Templates that mark assistant text with `{% generation %}` use Transformers' `return_assistant_tokens_mask`
+instead, which is the template author's own statement of the spans.
+
+Packing. Packed rows are one token stream: samples follow each other separated by an EOS token (added, untrained,
+when a sample does not already end with one), positions run 0..max_length-1 across the row, and a token may attend
+to earlier samples in its row, as in Transformers' `run_clm` and LongSpec's pre-training stage. Isolating samples
+inside a row would need a block-diagonal mask in the target and in both draft attentions, which the model's
+training forward does not take. Use padding (the default) where samples must not see each other, e.g. chat data.
+
+Anchor-Offset (LongSpec section 3.2): the first `num_anchors` positions of a row are kept, the others are shifted by
+one offset drawn uniformly from `[0, max_offset]` for the row, so that short training rows look like positions deep
+in a long context. The target and the draft see the same positions.
+
+What this file leaves to others: the model (`modeling_glide.py`), the Trainer set-up and CLI (`trainer.py`).
+"""
+
+import glob
+import hashlib
+import json
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .errors import ChatTemplateError, DataFormatError, DataNotFoundError, EmptyDatasetError, GlideConfigError
+from .loss import IGNORE_INDEX
+
+logger = logging.get_logger(__name__)
+
+DataFormat = Literal["text", "chat", "source_target"]
+OverflowPolicy = Literal["truncate", "drop"]
+DATA_FORMATS: tuple[str, ...] = ("text", "chat", "source_target")
+OVERFLOW_POLICIES: tuple[str, ...] = ("truncate", "drop")
+# Fields that make a record one format or another, checked in this order: chat data may also carry a `text` field,
+# and LongSpec's long-document records carry `source` as a tag beside `text` (only `target` marks a pair).
+FORMAT_MARKER_FIELDS = (("chat", "messages"), ("source_target", "target"), ("text", "text"))
+FORMAT_COLUMNS = {"text": ("text",), "chat": ("messages",), "source_target": ("source", "target")}
+FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+# Bumped when the record normalisation changes, so that cached Arrow files of an older version are not reused.
+RECORDS_CACHE_VERSION = "1"
+# Line numbers named per file in the skipped-records warning; the count covers all.
+MAX_REPORTED_BAD_RECORDS = 5
+# Samples per `datasets.map` batch when packing: each batch ends with at most one row shorter than `max_length`.
+PACKING_BATCH_SIZE = 1000
+PARQUET_BATCH_ROWS = 1024
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One input of `load_records`: a file or a saved dataset, with what identifies its current content."""
+
+    path: str
+    kind: Literal["jsonl", "json", "parquet", "disk"]
+    stamp: str  # size and modification time of a file, fingerprint of a saved dataset
+
+
+def resolve_sources(paths: list[str] | str) -> list[DataSource]:
+    """Expand glob patterns and classify each path by its extension (or as a saved `datasets` folder)."""
+    if isinstance(paths, str):
+        paths = [paths]
+    sources = []
+    for pattern in paths:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise DataNotFoundError(f"No file matches the data pattern `{pattern}`.")
+        for path in matches:
+            sources.append(_classify(path))
+    if not sources:
+        raise DataNotFoundError("No data given: pass one or more JSONL, JSON or Parquet files or saved datasets.")
+    return sources
+
+
+def _classify(path: str) -> DataSource:
+    if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "dataset_dict.json")):
+            raise DataNotFoundError(
+                f"`{path}` is a folder but not a dataset written by `datasets`' `save_to_disk` (no "
+                "dataset_info.json or dataset_dict.json): pass the data files themselves, e.g. `{path}/*.jsonl`."
+            )
+        import datasets
+
+        loaded = datasets.load_from_disk(path)
+        fingerprints = (
+            [split._fingerprint for split in loaded.values()] if isinstance(loaded, dict) else [loaded._fingerprint]
+        )
+        return DataSource(os.path.abspath(path), "disk", ",".join(fingerprints))
+    if not os.path.isfile(path):
+        raise DataNotFoundError(f"The data file `{path}` does not exist.")
+    kind = FILE_KINDS.get(os.path.splitext(path)[1].lower())
+    if kind is None:
+        raise DataFormatError(
+            f"`{path}`: unsupported file type. Expected {', '.join(sorted(FILE_KINDS))} files or a folder written by "
+            "`datasets`' `save_to_disk`."
+        )
+    stat = os.stat(path)
+    return DataSource(os.path.abspath(path), kind, f"{stat.st_size}:{stat.st_mtime_ns}")
+
+
+class _BadRecord(Exception):
+    """Internal: a record that cannot be used, with the reason; turned into `DataFormatError` with its location."""
+
+
+def _iter_raw(source: DataSource) -> Iterator[tuple[str, Any]]:
+    """`(where, record)` pairs of one source (`where` is "line 3", "row 3" or "record 3"); a record that is not
+    valid JSON comes as a `_BadRecord`."""
+    if source.kind == "jsonl":
+        yield from _iter_jsonl(source.path)
+    elif source.kind == "json":
+        yield from _iter_json(source.path)
+    elif source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(source.path)
+        columns = [name for name in parquet.schema_arrow.names if name in _KNOWN_FIELDS] or None
+        row = 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            for record in batch.to_pylist():
+                yield f"row {row}", record
+                row += 1
+    else:
+        dataset = _load_saved_dataset(source.path)
+        dataset = dataset.select_columns([name for name in dataset.column_names if name in _KNOWN_FIELDS])
+        for row, record in enumerate(dataset):
+            yield f"row {row}", record
+
+
+_KNOWN_FIELDS = {"messages", "text", "source", "target"}
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            location = f"line {line_number}"
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as error:
+                yield location, _BadRecord(f"not UTF-8 text ({error.reason} at byte {error.start})")
+                continue
+            if not line:
+                continue
+            try:
+                yield location, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield location, _BadRecord(f"not valid JSON ({error.msg} at column {error.colno})")
+
+
+def _iter_json(path: str) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("{") and error.msg == "Extra data":
+            # A `.json` file holding one object per line (JSON Lines under another name), as `datasets` accepts.
+            yield from _iter_jsonl(path)
+            return
+        raise DataFormatError(
+            f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}). A `.json` file must hold "
+            "a list of records or one record per line."
+        ) from error
+    if isinstance(document, dict):
+        document = [document]
+    if not isinstance(document, list):
+        raise DataFormatError(f"{path}: expected a list of records, found a JSON {type(document).__name__}.")
+    for index, record in enumerate(document):
+        yield f"record {index}", record
+
+
+def _load_saved_dataset(path: str):
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" in loaded:
+            return loaded["train"]
+        if len(loaded) == 1:
+            return next(iter(loaded.values()))
+        raise DataFormatError(
+            f"`{path}` is a DatasetDict with splits {sorted(loaded)} and no `train` split: save the split to train "
+            "on by itself (`dataset_dict[name].save_to_disk(...)`)."
+        )
+    return loaded
+
+
+def _location(path: str, where: str) -> str:
+    """`path:3` for a line (as compilers name them), `path, row 3` otherwise."""
+    return f"{path}:{where[5:]}" if where.startswith("line ") else f"{path}, {where}"
+
+
+def detect_format(record: dict) -> str | None:
+    """The data format a record's fields point to (see `FORMAT_MARKER_FIELDS`), or None."""
+    for data_format, marker in FORMAT_MARKER_FIELDS:
+        if record.get(marker) is not None:
+            return data_format
+    return None
+
+
+def _normalize(record: Any, data_format: str) -> dict:
+    """The record reduced to the fields of `data_format`, or `_BadRecord` with the reason."""
+    if not isinstance(record, dict):
+        raise _BadRecord(f"expected a JSON object, found {type(record).__name__}")
+    if data_format == "text":
+        return {"text": _string_field(record, "text")}
+    if data_format == "source_target":
+        source = record.get("source")
+        return {
+            "source": "" if source is None else _string_field(record, "source"),
+            "target": _string_field(record, "target"),
+        }
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRecord("`messages` must be a non-empty list of {role, content} objects")
+    normalized = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _BadRecord(f"`messages[{index}]` is a {type(message).__name__}, expected an object")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise _BadRecord(f"`messages[{index}]` needs string `role` and `content` fields")
+        normalized.append({"role": role, "content": content})
+    return {"messages": normalized}
+
+
+def _string_field(record: dict, name: str) -> str:
+    value = record.get(name)
+    if not isinstance(value, str):
+        found = "no such field" if value is None else f"a {type(value).__name__}"
+        raise _BadRecord(f"`{name}` must be a string, found {found}")
+    return value
+
+
+def _peek_format(source: DataSource) -> str | None:
+    """The format of the first record of `source` that is a JSON object (None for an empty source)."""
+    for where, record in _iter_raw(source):
+        if isinstance(record, dict):
+            data_format = detect_format(record)
+            if data_format is None:
+                raise DataFormatError(
+                    f"{_location(source.path, where)}: cannot tell the data format from the fields "
+                    f"{sorted(record)}. Expected `messages` (chat), `target` with an optional `source` "
+                    "(source_target) or `text` (text); or set `data_format`."
+                )
+            return data_format
+    return None
+
+
+def _generate_records(sources: tuple[DataSource, ...], data_format: str, skip_bad_lines: bool) -> Iterator[dict]:
+    """Normalised records of all sources; bad records raise `DataFormatError` or, when skipped, are logged."""
+    num_records = 0
+    for source in sources:
+        skipped = []
+        for where, record in _iter_raw(source):
+            try:
+                if isinstance(record, _BadRecord):
+                    raise record
+                normalized = _normalize(record, data_format)
+            except _BadRecord as reason:
+                if not skip_bad_lines:
+                    raise DataFormatError(
+                        f"{_location(source.path, where)}: {reason} (data format `{data_format}`). Fix the record, "
+                        "or set `skip_bad_lines` to skip and count bad records."
+                    ) from None
+                skipped.append(f"{where}: {reason}")
+                continue
+            num_records += 1
+            yield normalized
+        if skipped:
+            shown = "; ".join(skipped[:MAX_REPORTED_BAD_RECORDS])
+            more = "; ..." if len(skipped) > MAX_REPORTED_BAD_RECORDS else ""
+            logger.warning(f"Skipped {len(skipped)} bad records in {source.path} ({shown}{more}).")
+    if num_records == 0:
+        raise EmptyDatasetError(
+            f"No usable record in {', '.join(source.path for source in sources)}"
+            + (" (every record was bad and skipped)." if skip_bad_lines else ".")
+        )
+
+
+def _record_features(data_format: str):
+    import datasets
+
+    string = datasets.Value("string")
+    if data_format == "chat":
+        return datasets.Features({"messages": [{"role": string, "content": string}]})
+    return datasets.Features({name: string for name in FORMAT_COLUMNS[data_format]})
+
+
+def load_records(
+    paths: list[str] | str,
+    data_format: Literal["auto", "text", "chat", "source_target"] = "auto",
+    skip_bad_lines: bool = False,
+    cache_dir: str | None = None,
+):
+    """Read training records from files or saved datasets into one `datasets.Dataset`.
+
+    Args:
+        paths (`list[str]` or `str`): JSONL (`.jsonl`, `.ndjson`), JSON (`.json`: a list of records, or one per
+            line) or Parquet files, glob patterns of them, or folders written by `Dataset.save_to_disk` (the `train`
+            split of a `DatasetDict`).
+        data_format (`str`): `"auto"` (from the first record of each input; all inputs must agree), `"text"`,
+            `"chat"` or `"source_target"`.
+        skip_bad_lines (`bool`): skip records that are not valid JSON or lack the format's fields, counting and
+            logging them per file (when the files are read: a reload from the cache does not read them again),
+            instead of raising `DataFormatError` at the first.
+        cache_dir (`str`, *optional*): where `datasets` keeps the Arrow files (default: its own cache).
+
+    Returns:
+        `(datasets.Dataset, str)`: the records with the columns of the resolved format (`text`; `messages`;
+        `source` and `target`), and that format.
+
+    Raises:
+        `DataNotFoundError`, `DataFormatError` (naming the file and line), `EmptyDatasetError`.
+    """
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    if data_format != "auto" and data_format not in DATA_FORMATS:
+        raise DataFormatError(f"`data_format` must be 'auto' or one of {DATA_FORMATS}, got {data_format!r}.")
+    sources = resolve_sources(paths)
+    if data_format == "auto":
+        detected = {source.path: _peek_format(source) for source in sources}
+        formats = {value for value in detected.values() if value is not None}
+        if len(formats) > 1:
+            listing = ", ".join(f"{path}: {value}" for path, value in detected.items() if value is not None)
+            raise DataFormatError(
+                f"The data files hold different formats ({listing}). Train on one format per run, or set "
+                "`data_format` to read them all as one."
+            )
+        if not formats:
+            raise EmptyDatasetError(
+                f"No record in {', '.join(detected)}: the data is empty (or holds no JSON object)."
+            )
+        data_format = formats.pop()
+    key = json.dumps([RECORDS_CACHE_VERSION, [asdict(source) for source in sources], data_format, skip_bad_lines])
+    try:
+        dataset = datasets.Dataset.from_generator(
+            _generate_records,
+            features=_record_features(data_format),
+            gen_kwargs={"sources": tuple(sources), "data_format": data_format, "skip_bad_lines": skip_bad_lines},
+            cache_dir=cache_dir,
+            fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+        )
+    except DatasetGenerationError as error:
+        cause = error.__cause__
+        if isinstance(cause, (DataFormatError, EmptyDatasetError)):
+            raise cause from None
+        raise
+    logger.info(f"Loaded {len(dataset)} `{data_format}` records from {len(sources)} input(s).")
+    return dataset, data_format
+
+
+# --- tokenization ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizationStats:
+    """What `tokenize_records` did to the samples; logged, and returned for callers and tests."""
+
+    num_samples: int
+    max_length: int
+    overflow: str
+    num_overflowing: int  # samples longer than `max_length` (truncated or dropped, per `overflow`)
+    num_without_labels: int  # samples dropped because no token is left to train on
+    num_untrained_turns: int  # chat turns whose template rendering could not be located
+    num_kept: int
+    num_tokens: int  # tokens in the kept samples
+
+    def summary(self) -> str:
+        action = "truncated" if self.overflow == "truncate" else "dropped"
+        return (
+            f"{self.num_samples} samples tokenized: {self.num_overflowing} longer than max_length={self.max_length} "
+            f"({action}), {self.num_without_labels} without a token to train on (dropped); {self.num_kept} kept, "
+            f"{self.num_tokens} tokens."
+        )
+
+
+def check_chat_template(tokenizer) -> None:
+    """Raise `ChatTemplateError` unless `tokenizer` has a chat template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ChatTemplateError(
+            f"The data is in chat format (`messages`), but the tokenizer `{tokenizer.name_or_path}` has no chat "
+            "template. Use the instruct model's tokenizer (`tokenizer`), set `tokenizer.chat_template`, or convert "
+            "the data to `text` or `source`/`target` records."
+        )
+
+
+@dataclass
+class _Encoder:
+    """Turns a batch of normalised records into `input_ids`, `labels` and per-sample counts (a `datasets.map`
+    function; a plain object so that `datasets` can hash it for its cache and send it to worker processes)."""
+
+    tokenizer: Any
+    data_format: str
+    max_length: int
+    use_generation_mask: bool = False
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        if self.data_format == "text":
+            encoded = self._encode_texts(batch["text"])
+        elif self.data_format == "source_target":
+            encoded = self._encode_pairs(batch["source"], batch["target"])
+        else:
+            encoded = [self._encode_chat(messages, index) for messages, index in zip(batch["messages"], indices)]
+        out = {"input_ids": [], "labels": [], "num_tokens": [], "num_label_tokens": [], "num_untrained_turns": []}
+        for ids, labels, untrained in encoded:
+            out["num_tokens"].append(len(ids))
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            # labels[0] is never a prediction target: position t predicts labels[t + 1].
+            out["num_label_tokens"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
+            out["num_untrained_turns"].append(untrained)
+        return out
+
+    def _with_eos(self, ids: list[int]) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+    def _encode_texts(self, texts: list[str]) -> list[tuple[list[int], list[int], int]]:
+        # One call per batch: fast tokenizers encode a batch in parallel.
+        encoded = []
+        for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]:
+            ids = self._with_eos(list(ids))
+            encoded.append((ids, list(ids), 0))
+        return encoded
+
+    def _encode_pairs(self, sources: list[str], targets: list[str]) -> list[tuple[list[int], list[int], int]]:
+        # Tokenized apart, so that the boundary between prompt and target is exact (a joint tokenization may merge
+        # characters across it); the special tokens (BOS) go in front of the source only.
+        prompts = self.tokenizer(sources, add_special_tokens=True)["input_ids"]
+        responses = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
+        encoded = []
+        for prompt, response in zip(prompts, responses):
+            response = self._with_eos(list(response))
+            encoded.append((list(prompt) + response, [IGNORE_INDEX] * len(prompt) + response, 0))
+        return encoded
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _encode_chat(self, messages: list[dict], index: int) -> tuple[list[int], list[int], int]:
+        try:
+            if self.use_generation_mask:
+                encoded = self.tokenizer.apply_chat_template(
+                    messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+                )
+                ids = list(encoded["input_ids"])
+                labels = [tok if mask else IGNORE_INDEX for tok, mask in zip(ids, encoded["assistant_masks"])]
+                return ids, labels, 0
+            full = self._render(messages, add_generation_prompt=False)
+        except Exception as error:  # the template's own errors (`raise_exception`, jinja) name no sample
+            raise DataFormatError(
+                f"Chat sample {index}: the tokenizer's chat template failed on it ({type(error).__name__}: {error})."
+            ) from error
+        spans, untrained = [], 0
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            try:
+                start_text = self._render(messages[:turn], add_generation_prompt=True)
+                end_text = self._render(messages[: turn + 1], add_generation_prompt=False)
+            except Exception:  # e.g. a template that requires a user turn first: this turn cannot be located
+                untrained += 1
+                continue
+            if not (end_text.startswith(start_text) and full.startswith(end_text)) or len(end_text) == len(start_text):
+                untrained += 1
+                continue
+            spans.append((len(start_text), len(end_text)))
+        encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        labels = [
+            tok if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
+            for tok, offset in zip(ids, encoded["offset_mapping"])
+        ]
+        return ids, labels, untrained
+
+
+def tokenize_records(
+    records,
+    tokenizer,
+    data_format: str,
+    max_length: int,
+    overflow: OverflowPolicy = "truncate",
+    num_proc: int | None = None,
+):
+    """Tokenize records from `load_records` into `input_ids` and `labels` rows.
+
+    Args:
+        records (`datasets.Dataset`): normalised records of `data_format`.
+        tokenizer (`PreTrainedTokenizerBase`): the target's tokenizer; a fast tokenizer for chat data (offsets).
+        data_format (`str`): `"text"`, `"chat"` or `"source_target"`.
+        max_length (`int`): longest sample kept, in tokens.
+        overflow (`str`): `"truncate"` longer samples to `max_length`, or `"drop"` them.
+        num_proc (`int`, *optional*): worker processes for `datasets.map`.
+
+    Returns:
+        `(datasets.Dataset, TokenizationStats)`: rows with `input_ids` and `labels` (lists of ints, `-100` where no
+        loss is wanted), and the counts, which are also logged.
+
+    Raises:
+        `ChatTemplateError` for chat data and a tokenizer without a chat template, `EmptyDatasetError` when no
+        sample is left.
+    """
+    if overflow not in OVERFLOW_POLICIES:
+        raise DataFormatError(f"`overflow` must be one of {OVERFLOW_POLICIES}, got {overflow!r}.")
+    if max_length < 2:
+        raise DataFormatError(f"`max_length` must be at least 2 tokens, got {max_length}.")
+    use_generation_mask = False
+    if data_format == "chat":
+        check_chat_template(tokenizer)
+        template = tokenizer.chat_template
+        use_generation_mask = isinstance(template, str) and bool(_GENERATION_BLOCK.search(template))
+        if not use_generation_mask and not getattr(tokenizer, "is_fast", False):
+            raise ChatTemplateError(
+                f"Chat data needs a fast tokenizer (character offsets locate the assistant turns), but "
+                f"`{tokenizer.name_or_path}` is a slow one. Load it with `use_fast=True`."
+            )
+    encoder = _Encoder(tokenizer, data_format, max_length, use_generation_mask)
+    encoded = records.map(
+        encoder,
+        batched=True,
+        with_indices=True,
+        remove_columns=records.column_names,
+        num_proc=num_proc,
+        desc="Tokenizing",
+    )
+    counts = encoded.select_columns(["num_tokens", "num_label_tokens", "num_untrained_turns"]).with_format("numpy")
+    num_tokens = np.asarray(counts["num_tokens"])
+    num_label_tokens = np.asarray(counts["num_label_tokens"])
+    overflowing = num_tokens > max_length
+    keep = num_label_tokens > 0
+    if overflow == "drop":
+        keep &= ~overflowing
+    kept_indices = np.flatnonzero(keep)
+    stats = TokenizationStats(
+        num_samples=len(encoded),
+        max_length=max_length,
+        overflow=overflow,
+        num_overflowing=int(overflowing.sum()),
+        num_without_labels=int((num_label_tokens == 0).sum()),
+        num_untrained_turns=int(np.asarray(counts["num_untrained_turns"]).sum()),
+        num_kept=len(kept_indices),
+        num_tokens=int(np.minimum(num_tokens, max_length)[kept_indices].sum()),
+    )
+    logger.info(stats.summary())
+    if stats.num_overflowing:
+        logger.warning(
+            f"{stats.num_overflowing} of {stats.num_samples} samples are longer than max_length={max_length} and "
+            f"were {'truncated' if overflow == 'truncate' else 'dropped'} (`overflow={overflow!r}`)."
+        )
+    if stats.num_untrained_turns:
+        logger.warning(
+            f"{stats.num_untrained_turns} assistant turns were left untrained: the chat template renders the "
+            "conversation before them differently from the full conversation (a template that rewrites earlier "
+            "turns), so their tokens could not be located."
+        )
+    if stats.num_kept == 0:
+        raise EmptyDatasetError(
+            f"No sample is left to train on: {stats.summary()} Raise `max_length`, use `overflow='truncate'`, or "
+            "check that the data has loss tokens (assistant turns, targets)."
+        )
+    if stats.num_kept < len(encoded):
+        encoded = encoded.select(kept_indices)
+    return encoded.select_columns(["input_ids", "labels"]), stats
+
+
+# --- packing ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Packer:
+    max_length: int
+    eos_token_id: int | None
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        stream_ids, stream_labels = [], []
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            stream_ids.extend(ids)
+            stream_labels.extend(labels)
+            if self.eos_token_id is not None and ids[-1] != self.eos_token_id:
+                stream_ids.append(self.eos_token_id)
+                stream_labels.append(IGNORE_INDEX)
+        rows = {"input_ids": [], "labels": []}
+        for start in range(0, len(stream_ids), self.max_length):
+            labels = stream_labels[start : start + self.max_length]
+            if any(label != IGNORE_INDEX for label in labels[1:]):
+                rows["input_ids"].append(stream_ids[start : start + self.max_length])
+                rows["labels"].append(labels)
+        return rows
+
+
+def pack_rows(rows, max_length: int, eos_token_id: int | None, num_proc: int | None = None):
+    """Concatenate tokenized samples into rows of `max_length` tokens (see "Packing" in the module docstring).
+
+    Each sample is followed by `eos_token_id` unless it already ends with it (the added separator is not trained).
+    Every `PACKING_BATCH_SIZE` samples end with one shorter row, which the collator pads; rows without a token to
+    train on are dropped.
+
+    Args:
+        rows (`datasets.Dataset`): `input_ids` and `labels` rows from `tokenize_records`.
+        max_length (`int`): tokens per packed row.
+        eos_token_id (`int`, *optional*): the separator; None joins samples without one.
+
+    Returns:
+        `datasets.Dataset`: packed `input_ids` and `labels` rows.
+    """
+    packed = rows.map(
+        _Packer(max_length, eos_token_id),
+        batched=True,
+        batch_size=PACKING_BATCH_SIZE,
+        remove_columns=rows.column_names,
+        num_proc=num_proc,
+        desc="Packing",
+    )
+    logger.info(f"Packed {len(rows)} samples into {len(packed)} rows of up to {max_length} tokens.")
+    return packed
+
+
+# --- batches ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnchorOffset:
+    """LongSpec's Anchor-Offset position indices (arXiv 2502.17421, section 3.2).
+
+    Args:
+        num_anchors (`int`): leading positions kept as they are (the paper keeps 4: attention sinks).
+        max_offset (`int`): the other positions are shifted by one offset drawn uniformly from `[0, max_offset]`
+            per row. Choose it so that `max_length + max_offset` stays within the target's context length.
+    """
+
+    num_anchors: int = 4
+    max_offset: int = 0
+
+    def __post_init__(self):
+        if self.num_anchors < 0 or self.max_offset < 0:
+            raise GlideConfigError(
+                f"Anchor-Offset needs `num_anchors` >= 0 and `max_offset` >= 0, got {self.num_anchors} and "
+                f"{self.max_offset}."
+            )
+
+    def positions(self, seq_len: int, generator: torch.Generator) -> torch.LongTensor:
+        """`[seq_len]` positions: `0..num_anchors-1`, then `num_anchors + offset, ...`.
+
+        Worked example, num_anchors 2, offset 100, seq_len 5: positions 0, 1, 102, 103, 104.
+        """
+        offset = torch.randint(0, self.max_offset + 1, (), generator=generator)
+        positions = torch.arange(seq_len)
+        positions[self.num_anchors :] += offset
+        return positions
+
+
+@dataclass
+class GlideDataCollator:
+    """Pads `input_ids`/`labels` rows into a batch and adds Anchor-Offset `position_ids` when enabled.
+
+    Rows are right-padded to the longest row (rounded up to `pad_to_multiple_of`): `attention_mask` is 0 and
+    `labels` are -100 on padding. With `anchor_offset`, the offset of a row is drawn from a `torch.Generator`
+    seeded with `seed`, `epoch` and a checksum of the row's tokens, so it does not depend on the order in which
+    batches are built: a resumed run (Trainer skips the trained batches without collating them and restores the
+    global RNG only afterwards), dataloader workers and another number of GPUs all see the offsets of an
+    uninterrupted single-process run. `epoch` is advanced by the trainer (`set_epoch`), so a row gets a new offset
+    each epoch (dataloader workers copy the collator when an epoch starts; persistent workers keep the first).
+
+    Args:
+        pad_token_id (`int`): id written on padding (masked out, never trained).
+        anchor_offset (`AnchorOffset`, *optional*): add `position_ids` with Anchor-Offset indices.
+        pad_to_multiple_of (`int`, *optional*): round the padded length up to a multiple of this.
+        seed (`int`): seed of the offsets (use `TrainingArguments.seed`).
+    """
+
+    pad_token_id: int
+    anchor_offset: AnchorOffset | None = None
+    pad_to_multiple_of: int | None = None
+    seed: int = 0
+    epoch: int = field(default=0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(feature["input_ids"]) for feature in features]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_size = len(features)
+        input_ids = torch.full((batch_size, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for row, (feature, length) in enumerate(zip(features, lengths)):
+            input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            labels[row, :length] = torch.as_tensor(feature.get("labels", feature["input_ids"]), dtype=torch.long)
+            attention_mask[row, :length] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.anchor_offset is not None:
+            # Seeded from the row's own tokens, not its padded width, which depends on the other rows of the batch.
+            batch["position_ids"] = torch.stack(
+                [
+                    self.anchor_offset.positions(width, self._row_generator(row[:length]))
+                    for row, length in zip(input_ids, lengths)
+                ]
+            )
+        return batch
+
+    def _row_generator(self, row_ids: torch.LongTensor) -> torch.Generator:
+        salt = zlib.crc32(f"{self.seed}:{self.epoch}".encode())
+        checksum = zlib.crc32(row_ids.numpy().tobytes(), salt)
+        return torch.Generator().manual_seed(checksum)
+
+
+# --- end to end ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedData:
+    """What `prepare_data` returns: the datasets for `Trainer`, held-out prompts, and the counts."""
+
+    train_dataset: Any
+    eval_dataset: Any | None
+    eval_prompts: list[torch.LongTensor]
+    data_format: str
+    train_stats: TokenizationStats
+    eval_stats: TokenizationStats | None = None
+
+
+def prompt_of(input_ids: list[int], labels: list[int], max_tokens: int) -> torch.LongTensor:
+    """The prompt part of a tokenized sample, for acceptance evaluation: the tokens before the first trained token
+    (the conversation before the first reply, the source), or the first half of a sample trained throughout (text);
+    at most the last `max_tokens` of it."""
+    first_label = next((index for index, label in enumerate(labels) if index > 0 and label != IGNORE_INDEX), None)
+    end = first_label if first_label is not None and first_label > 1 else max(1, len(input_ids) // 2)
+    return torch.tensor(input_ids[max(0, end - max_tokens) : end], dtype=torch.long)
+
+
+def prepare_data(
+    paths: list[str] | str,
+    tokenizer,
+    *,
+    data_format: Literal["auto", "text", "chat", "source_target"] = "auto",
+    max_length: int = 1024,
+    overflow: OverflowPolicy = "truncate",
+    packing: bool = False,
+    skip_bad_lines: bool = False,
+    eval_paths: list[str] | str | None = None,
+    eval_split_fraction: float = 0.0,
+    num_eval_prompts: int = 0,
+    eval_prompt_length: int = 256,
+    seed: int = 0,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
+) -> PreparedData:
+    """Load, tokenize, split and (optionally) pack training data: `load_records`, `tokenize_records`, a seeded
+    held-out split (`eval_split_fraction` of the samples, at least one) or separate `eval_paths`, then `pack_rows`.
+
+    Args:
+        paths, data_format, skip_bad_lines, cache_dir: see `load_records` (`eval_paths` likewise, same format).
+        tokenizer, max_length, overflow, num_proc: see `tokenize_records`.
+        packing (`bool`): pack rows (`pack_rows`) instead of keeping one sample per row.
+        eval_split_fraction (`float`): fraction of the tokenized samples held out, drawn with `seed`.
+        num_eval_prompts, eval_prompt_length: number and length of the held-out prompts (`prompt_of`).
+
+    Returns:
+        `PreparedData`; `eval_prompts` holds up to `num_eval_prompts` prompts (`prompt_of`) of held-out samples,
+        taken before packing.
+    """
+    if eval_paths and eval_split_fraction:
+        raise DataFormatError("Give either `eval_data` or `eval_split_fraction`, not both.")
+    if not 0.0 <= eval_split_fraction < 1.0:
+        raise DataFormatError(f"`eval_split_fraction` must be in [0, 1), got {eval_split_fraction}.")
+    records, data_format = load_records(paths, data_format, skip_bad_lines, cache_dir)
+    train, train_stats = tokenize_records(records, tokenizer, data_format, max_length, overflow, num_proc)
+    evaluation, eval_stats = None, None
+    if eval_paths:
+        eval_records, _ = load_records(eval_paths, data_format, skip_bad_lines, cache_dir)
+        evaluation, eval_stats = tokenize_records(eval_records, tokenizer, data_format, max_length, overflow, num_proc)
+    elif eval_split_fraction:
+        num_eval = max(1, round(eval_split_fraction * len(train)))
+        if num_eval >= len(train):
+            raise EmptyDatasetError(
+                f"`eval_split_fraction={eval_split_fraction}` of {len(train)} samples leaves none to train on."
+            )
+        split = train.train_test_split(test_size=num_eval, seed=seed, shuffle=True)
+        train, evaluation = split["train"], split["test"]
+        logger.info(f"Held out {len(evaluation)} of {len(train) + len(evaluation)} samples for evaluation.")
+    prompts = []
+    if evaluation is not None:
+        for row in evaluation.select(range(min(num_eval_prompts, len(evaluation)))):
+            prompts.append(prompt_of(row["input_ids"], row["labels"], eval_prompt_length))
+    if packing:
+        train = pack_rows(train, max_length, tokenizer.eos_token_id, num_proc)
+        if evaluation is not None:
+            evaluation = pack_rows(evaluation, max_length, tokenizer.eos_token_id, num_proc)
+    return PreparedData(train, evaluation, prompts, data_format, train_stats, eval_stats)
+
+
+__all__ = [
+    "DATA_FORMATS",
+    "OVERFLOW_POLICIES",
+    "AnchorOffset",
+    "DataSource",
+    "GlideDataCollator",
+    "PreparedData",
+    "TokenizationStats",
+    "check_chat_template",
+    "detect_format",
+    "load_records",
+    "pack_rows",
+    "prepare_data",
+    "prompt_of",
+    "resolve_sources",
+    "tokenize_records",
+]

@@ -1,0 +1,707 @@
+"""Training a GLIDE draft: `glide-hf train` and `train_glide`, a stock `transformers.Trainer` with LongSpec's recipe.
+
+`train_glide(glide_args, training_args)` loads the target (frozen; bf16 on CUDA, fp32 on CPU by default), builds a
+new draft (`GlideForCausalLM.from_target`) or continues an earlier one (`init_draft`: multi-stage training),
+prepares the data (`data.py`: formats, masking, packing or padding, Anchor-Offset positions), trains with a stock
+`Trainer` (fp32 draft weights, `bf16=True` for autocast; checkpoints, resume, `report_to` and progress bars are the
+Trainer's), and saves the final draft, its tokenizer and a model card to `output_dir`. When a held-out split exists,
+every evaluation also measures acceptance: tokens per target forward under greedy stock assisted decoding,
+logged as `eval_tokens_per_target_forward` beside `eval_loss`.
+
+`run_cli(argv, prog)` is the `glide-hf train` command: flags are the fields of `GlideTrainingArguments` and
+`transformers.TrainingArguments` (`--max_steps` or `--max-steps`), optionally read from a YAML or JSON file given
+first (`glide-hf train stage1.yaml --max_steps 10`; later flags override the file).
+
+What this file leaves to others: the model and its loss (`modeling_glide.py`, `loss.py`), data handling
+(`data.py`), subcommand dispatch (`cli.py`).
+"""
+
+import dataclasses
+import json
+import logging as pylogging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    HfArgumentParser,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .data import AnchorOffset, GlideDataCollator, PreparedData, prepare_data
+from .errors import GlideConfigError, TargetMismatchError, TargetNotFoundError
+from .model_card import write_model_card
+from .modeling_glide import GlideForCausalLM
+
+logger = logging.get_logger(__name__)
+
+PACKAGE_LOGGER_NAME = "glide_hf"
+TARGET_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Draft config fields settable from the command line. Architecture fields shape what the weights compute, so a
+# continued draft (`init_draft`) must keep its own; training fields may change between stages.
+DRAFT_ARCHITECTURE_FIELDS = ("sliding_window", "target_kv_layer")
+DRAFT_TRAINING_FIELDS = ("max_draft_lag", "num_draft_tokens", "loss_implementation")
+ACCEPTANCE_METRIC = "eval_tokens_per_target_forward"
+CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+MODEL_CARD_TAGS = ["glide-hf-train"]
+
+
+@dataclass
+class GlideTrainingArguments:
+    """What to train and on which data: the target, the data, LongSpec's recipe and the draft's settings. Used with
+    `transformers.TrainingArguments` (optimizer, schedule, batch size, precision, checkpoints, logging)."""
+
+    target: str = field(metadata={"help": "Hub id or local path of the target model (frozen while the draft trains)."})
+    data: list[str] = field(
+        metadata={
+            "help": "Training data: JSONL, JSON or Parquet files, glob patterns, or folders written by "
+            "`datasets`' save_to_disk."
+        }
+    )
+    data_format: Literal["auto", "text", "chat", "source_target"] = field(
+        default="auto",
+        metadata={
+            "help": "Record format: `text` ({'text'}), `chat` ({'messages': [{role, content}]}, loss on assistant "
+            "turns), `source_target` ({'source', 'target'}, loss on target), or `auto` (from the fields)."
+        },
+    )
+    eval_data: list[str] | None = field(
+        default=None, metadata={"help": "Held-out data files (same format), instead of `eval_split_fraction`."}
+    )
+    eval_split_fraction: float = field(
+        default=0.0, metadata={"help": "Fraction of the samples held out for evaluation (at least one sample if > 0)."}
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer to use; default: the target's."})
+    max_length: int = field(default=1024, metadata={"help": "Tokens per sample (padding) or per row (packing)."})
+    overflow: Literal["truncate", "drop"] = field(
+        default="truncate", metadata={"help": "What to do with samples longer than `max_length` (counted, logged)."}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Concatenate samples (EOS-separated) into rows of `max_length` tokens, one attention stream per "
+            "row. Default: one sample per row, right-padded."
+        },
+    )
+    skip_bad_lines: bool = field(
+        default=False, metadata={"help": "Skip malformed records (counted and logged per file) instead of failing."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenization and packing (`datasets.map`)."}
+    )
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where `datasets` caches the processed data; default: its own cache."}
+    )
+    anchor_offset: bool = field(
+        default=False,
+        metadata={
+            "help": "LongSpec's Anchor-Offset positions: keep `num_anchors` first positions, shift the rest by a "
+            "random offset per row, so that short rows train long-context positions."
+        },
+    )
+    num_anchors: int = field(default=4, metadata={"help": "Anchor-Offset: leading positions kept unshifted."})
+    max_position_offset: int | None = field(
+        default=None,
+        metadata={
+            "help": "Anchor-Offset: largest offset. Default: the target's `max_position_embeddings - max_length`."
+        },
+    )
+    init_draft: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue from this draft (a glide-hf checkpoint, e.g. the previous stage or a converted "
+            "LongSpec draft) instead of a new one; its target shape must match `target`."
+        },
+    )
+    sliding_window: int | None = field(
+        default=None, metadata={"help": "New draft: tokens its self-attention sees (LongSpec's W). Default: 512."}
+    )
+    target_kv_layer: int | None = field(
+        default=None, metadata={"help": "New draft: target layer whose KV cache it reads. Default: -1 (the last)."}
+    )
+    max_draft_lag: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training lag drawn in 1..max_draft_lag (LongSpec's noisy training); at least the draft steps "
+            "per round. Default: the draft config's (5)."
+        },
+    )
+    num_draft_tokens: int | None = field(
+        default=None, metadata={"help": "Tokens drafted per round by assisted decoding (saved with the draft)."}
+    )
+    loss_implementation: Literal["auto", "liger", "chunked", "plain"] | None = field(
+        default=None, metadata={"help": "Cross-entropy implementation. Default: the draft config's (`auto`)."}
+    )
+    target_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        default="auto",
+        metadata={"help": "Dtype of the frozen target. `auto`: bfloat16 on CUDA (float16 with `fp16`), else float32."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention backend of target and draft (`sdpa`, `flash_attention_2`, ...)."}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Resume from the last checkpoint in `output_dir` if there is one (else start afresh)."},
+    )
+    acceptance_eval_prompts: int = field(
+        default=8,
+        metadata={
+            "help": "Held-out prompts decoded at each evaluation to measure tokens per target forward (0: off)."
+        },
+    )
+    acceptance_eval_max_new_tokens: int = field(
+        default=64, metadata={"help": "Tokens generated per prompt by the acceptance evaluation."}
+    )
+    acceptance_eval_prompt_length: int = field(
+        default=256, metadata={"help": "Longest prompt (last tokens kept) of the acceptance evaluation."}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if isinstance(self.eval_data, str):
+            self.eval_data = [self.eval_data]
+        if not self.data:
+            raise GlideConfigError("`data` is empty: pass one or more data files.")
+        if self.max_length < 2:
+            raise GlideConfigError(f"`max_length` must be at least 2, got {self.max_length}.")
+        if not 0.0 <= self.eval_split_fraction < 1.0:
+            raise GlideConfigError(f"`eval_split_fraction` must be in [0, 1), got {self.eval_split_fraction}.")
+        if self.eval_data and self.eval_split_fraction:
+            raise GlideConfigError(
+                f"Give `eval_data` or `eval_split_fraction`, not both (got `eval_data={self.eval_data}` and "
+                f"`eval_split_fraction={self.eval_split_fraction}`)."
+            )
+        if self.num_anchors < 0:
+            raise GlideConfigError(f"`num_anchors` must be >= 0, got {self.num_anchors}.")
+        if self.max_position_offset is not None and self.max_position_offset < 0:
+            raise GlideConfigError(f"`max_position_offset` must be >= 0, got {self.max_position_offset}.")
+        for name in ("acceptance_eval_prompts", "acceptance_eval_prompt_length", "acceptance_eval_max_new_tokens"):
+            if getattr(self, name) < 0:
+                raise GlideConfigError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+
+
+@dataclass
+class GlideCliArguments:
+    """Flags of the `glide-hf train` command itself."""
+
+    dry_run: bool = field(default=False, metadata={"help": "Print the resolved configuration as JSON and exit."})
+    output_json: str | None = field(
+        default=None, metadata={"help": "Write the final metrics (train and eval) to this JSON file."}
+    )
+
+
+# --- building the pieces ---------------------------------------------------------------------------------------------
+
+
+def resolve_target_dtype(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> torch.dtype:
+    """`target_dtype`, with `auto` resolved: bfloat16 on CUDA (float16 when training with `fp16`), else float32."""
+    if glide_args.target_dtype != "auto":
+        return TARGET_DTYPES[glide_args.target_dtype]
+    if training_args.device.type == "cuda":
+        return torch.float16 if training_args.fp16 else torch.bfloat16
+    return torch.float32
+
+
+def load_target(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> PreTrainedModel:
+    """The frozen target in `resolve_target_dtype` (placed on its device later, by Trainer)."""
+    target_kwargs = {"dtype": resolve_target_dtype(glide_args, training_args)}
+    if glide_args.attn_implementation is not None:
+        target_kwargs["attn_implementation"] = glide_args.attn_implementation
+    try:
+        target = AutoModelForCausalLM.from_pretrained(glide_args.target, **target_kwargs)
+    except OSError as error:
+        raise TargetNotFoundError(f"The target `{glide_args.target}` could not be loaded: {error}") from error
+    return target.eval()
+
+
+def build_draft(glide_args: GlideTrainingArguments, target: PreTrainedModel) -> GlideForCausalLM:
+    """A new fp32 draft for `target`, or the `init_draft` checkpoint in fp32 attached to it.
+
+    Raises:
+        `TargetMismatchError` when `init_draft` was built for a target of another shape; `GlideConfigError` when an
+        architecture field (`sliding_window`, `target_kv_layer`) contradicts the `init_draft` checkpoint.
+    """
+    given = {
+        name: getattr(glide_args, name)
+        for name in DRAFT_ARCHITECTURE_FIELDS + DRAFT_TRAINING_FIELDS
+        if getattr(glide_args, name) is not None
+    }
+    # The target was loaded with `attn_implementation` already; this sets the draft's own.
+    backend = {} if glide_args.attn_implementation is None else {"attn_implementation": glide_args.attn_implementation}
+    if glide_args.init_draft is None:
+        draft = GlideForCausalLM.from_target(target, dtype=torch.float32, **given, **backend)
+        logger.info(f"Built a new GLIDE draft for `{glide_args.target}`.")
+    else:
+        try:
+            draft = GlideForCausalLM.from_pretrained(
+                glide_args.init_draft, target_model=target, dtype=torch.float32, **backend
+            )
+        except TargetMismatchError as error:
+            raise TargetMismatchError(
+                f"`init_draft` {glide_args.init_draft} was trained for a target of another shape than "
+                f"`{glide_args.target}`: {error}"
+            ) from error
+        config = draft.config
+        num_layers = config.target_config.num_hidden_layers
+        for name in DRAFT_ARCHITECTURE_FIELDS:
+            if name not in given:
+                continue
+            value, saved = given[name], getattr(config, name)
+            same = value % num_layers == saved % num_layers if name == "target_kv_layer" else value == saved
+            if not same:
+                raise GlideConfigError(
+                    f"`{name}={value}` contradicts the `init_draft` checkpoint, which has `{name}={saved}`: a "
+                    f"continued draft keeps its architecture. Drop `{name}` or start a new draft."
+                )
+        for name in DRAFT_TRAINING_FIELDS:
+            if name in given:
+                setattr(config, name, given[name])
+        config.check_fields()
+        if "num_draft_tokens" in given:
+            draft.generation_config.num_assistant_tokens = given["num_draft_tokens"]
+        # The saved draft names the target it was trained with last.
+        config.target_name_or_path = glide_args.target
+        logger.info(f"Continuing the GLIDE draft of `{glide_args.init_draft}`.")
+    return draft
+
+
+def load_tokenizer(glide_args: GlideTrainingArguments):
+    """The tokenizer of `tokenizer` or of the target; a missing pad token is set to the EOS token (padding is
+    masked, so the two never mix)."""
+    tokenizer = AutoTokenizer.from_pretrained(glide_args.tokenizer or glide_args.target)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def align_special_tokens(draft: GlideForCausalLM, tokenizer, target: PreTrainedModel) -> None:
+    """Give the draft's config and generation config the tokenizer's special tokens (the target's EOS tokens kept
+    too), as Trainer would otherwise do with a warning on every run: a new draft's config has none of its own."""
+    for name in ("bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name)
+        if value is not None:
+            setattr(draft.config, name, value)
+            setattr(draft.generation_config, name, value)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return
+    draft.config.eos_token_id = eos
+    target_eos = target.generation_config.eos_token_id
+    target_eos = target_eos if isinstance(target_eos, list) else [target_eos]
+    draft.generation_config.eos_token_id = [eos, *(token for token in target_eos if token not in (None, eos))]
+
+
+def build_collator(
+    glide_args: GlideTrainingArguments, training_args: TrainingArguments, tokenizer, target: PreTrainedModel
+) -> GlideDataCollator:
+    """The batch collator, with Anchor-Offset positions when `anchor_offset` is on."""
+    anchor_offset = None
+    if glide_args.anchor_offset:
+        context = getattr(target.config, "max_position_embeddings", None)
+        max_offset = glide_args.max_position_offset
+        if max_offset is None:
+            if context is None:
+                raise GlideConfigError(
+                    "The target's config has no `max_position_embeddings`: set `max_position_offset` for "
+                    "Anchor-Offset positions."
+                )
+            max_offset = max(context - glide_args.max_length, 0)
+        elif context is not None and max_offset + glide_args.max_length > context:
+            logger.warning(
+                f"`max_position_offset={max_offset}` plus `max_length={glide_args.max_length}` exceeds the target's "
+                f"`max_position_embeddings={context}`: some training positions lie beyond its context length."
+            )
+        anchor_offset = AnchorOffset(num_anchors=glide_args.num_anchors, max_offset=max_offset)
+        logger.info(f"Anchor-Offset positions: {glide_args.num_anchors} anchors, offsets in [0, {max_offset}].")
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return GlideDataCollator(pad_token_id=pad_token_id, anchor_offset=anchor_offset, seed=training_args.seed)
+
+
+def build_data(glide_args: GlideTrainingArguments, training_args: TrainingArguments, tokenizer) -> PreparedData:
+    """`data.prepare_data` with the run's settings; rank 0 first, the others then read its cache."""
+    with training_args.main_process_first(desc="data preparation"):
+        return prepare_data(
+            glide_args.data,
+            tokenizer,
+            data_format=glide_args.data_format,
+            max_length=glide_args.max_length,
+            overflow=glide_args.overflow,
+            packing=glide_args.packing,
+            skip_bad_lines=glide_args.skip_bad_lines,
+            eval_paths=glide_args.eval_data,
+            eval_split_fraction=glide_args.eval_split_fraction,
+            num_eval_prompts=glide_args.acceptance_eval_prompts,
+            eval_prompt_length=glide_args.acceptance_eval_prompt_length,
+            seed=training_args.seed,
+            num_proc=glide_args.preprocessing_num_workers,
+            cache_dir=glide_args.data_cache_dir,
+        )
+
+
+# --- acceptance evaluation -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _CallCounter:
+    count: int = 0
+
+
+@contextmanager
+def count_forward_calls(module: torch.nn.Module) -> Iterator[_CallCounter]:
+    """Count calls of `module.forward` inside the block with a forward pre-hook, removed on exit."""
+    counter = _CallCounter()
+
+    def hook(module, args, kwargs):
+        counter.count += 1
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def tokens_per_target_forward(
+    draft: GlideForCausalLM, prompts: list[torch.LongTensor], max_new_tokens: int, pad_token_id: int | None = None
+) -> float:
+    """Mean tokens generated per target forward pass under greedy stock assisted decoding
+    (`target.generate(ids, assistant_model=draft, do_sample=False)`, one prompt at a time).
+
+    Plain decoding scores 1.0; every accepted draft token adds to it. The prefill forward is counted, so short
+    generations score a little lower than long ones. The draft's training mode is restored afterwards.
+
+    Args:
+        draft (`GlideForCausalLM`): the draft, with its target attached.
+        prompts (`list[torch.LongTensor]`): 1-D token ids.
+        max_new_tokens (`int`): tokens generated per prompt (fewer when the target emits EOS).
+        pad_token_id (`int`, *optional*): passed to `generate`.
+
+    Returns:
+        `float`: generated tokens over target forward calls.
+    """
+    target = draft.target
+    generation_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=target.generation_config.eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    was_training = draft.training
+    draft.eval()
+    new_tokens = 0
+    try:
+        with count_forward_calls(target) as counter:
+            for prompt in prompts:
+                input_ids = prompt[None].to(target.device)
+                output = target.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=generation_config,
+                    assistant_model=draft,
+                )
+                new_tokens += output.shape[1] - input_ids.shape[1]
+    finally:
+        draft.train(was_training)
+    return new_tokens / max(counter.count, 1)
+
+
+class AcceptanceEvalCallback(TrainerCallback):
+    """At every evaluation, measures `tokens_per_target_forward` on held-out prompts, adds it to the evaluation's
+    metrics as `eval_tokens_per_target_forward` (so `metric_for_best_model` can use it) and logs it through the
+    trainer (console, `report_to`, `log_history`) at the same step as `eval_loss`.
+
+    Every process decodes the same prompts (greedy, so they agree); only the main process's log is reported.
+    Skipped, with a warning, when the draft's weights are sharded (FSDP, DeepSpeed ZeRO-3): a single process cannot
+    run them.
+    """
+
+    def __init__(self, trainer: Trainer, prompts: list[torch.LongTensor], max_new_tokens: int, pad_token_id=None):
+        self.trainer = trainer
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+        self.pad_token_id = pad_token_id
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not self.prompts or self.max_new_tokens == 0:
+            return
+        if _weights_are_sharded(args):
+            logger.warning_once(
+                "Skipping the acceptance evaluation: the draft's weights are sharded (FSDP or DeepSpeed ZeRO-3)."
+            )
+            return
+        value = tokens_per_target_forward(self.trainer.model, self.prompts, self.max_new_tokens, self.pad_token_id)
+        if metrics is not None:
+            metrics[ACCEPTANCE_METRIC] = value
+        self.trainer.log({ACCEPTANCE_METRIC: value})
+
+
+def _weights_are_sharded(args: TrainingArguments) -> bool:
+    if args.fsdp:
+        return True
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+class _CollatorEpochCallback(TrainerCallback):
+    """Tells the collator which epoch starts, so that Anchor-Offset draws differ between epochs."""
+
+    def __init__(self, collator: GlideDataCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # `state.epoch` is fractional after a resume in the middle of an epoch: its integer part is the epoch.
+        self.collator.set_epoch(int(state.epoch or 0))
+
+
+# --- training --------------------------------------------------------------------------------------------------------
+
+
+def build_glide_trainer(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> Trainer:
+    """Everything `train_glide` trains with, before training: target, draft, data, collator and callbacks.
+
+    Useful to inspect or customise the `Trainer` (add callbacks, swap the optimizer) before `trainer.train()`.
+    The models are built before the data is processed, so that a wrong target or `init_draft` fails fast.
+    """
+    set_seed(training_args.seed)  # the draft's initialisation; Trainer seeds again before training
+    target = load_target(glide_args, training_args)
+    draft = build_draft(glide_args, target)
+    tokenizer = load_tokenizer(glide_args)
+    align_special_tokens(draft, tokenizer, target)
+    data = build_data(glide_args, training_args, tokenizer)
+    collator = build_collator(glide_args, training_args, tokenizer, target)
+    trainer = Trainer(
+        model=draft,
+        args=training_args,
+        train_dataset=data.train_dataset,
+        eval_dataset=data.eval_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[_CollatorEpochCallback(collator)],
+    )
+    if data.eval_prompts and glide_args.acceptance_eval_prompts > 0:
+        trainer.add_callback(
+            AcceptanceEvalCallback(
+                trainer, data.eval_prompts, glide_args.acceptance_eval_max_new_tokens, tokenizer.pad_token_id
+            )
+        )
+    return trainer
+
+
+def resolve_checkpoint(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from: `training_args.resume_from_checkpoint`, or with `resume` the last
+    `checkpoint-*` folder in `output_dir` (None, and a fresh start, when there is none)."""
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if not glide_args.resume:
+        return None
+    output_dir = training_args.output_dir
+    checkpoint = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+    if checkpoint is None:
+        logger.info(f"`resume`: no checkpoint in `{output_dir}`, starting a new run.")
+    else:
+        logger.info(f"Resuming from `{checkpoint}`.")
+    return checkpoint
+
+
+def _final_eval_metrics(trainer: Trainer) -> dict:
+    """Evaluation metrics of the last step: those the schedule logged there, else a new evaluation (acceptance
+    decoding is not cheap, so an evaluation that just ran is not repeated)."""
+    step = trainer.state.global_step
+    logged = {
+        key: value
+        for entry in trainer.state.log_history
+        if entry.get("step") == step
+        for key, value in entry.items()
+        if key.startswith("eval_")
+    }
+    return logged if "eval_loss" in logged else trainer.evaluate()
+
+
+def train_glide(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> GlideForCausalLM:
+    """Train a GLIDE draft for a target with a stock `transformers.Trainer` and save it to `output_dir`.
+
+    Builds the pieces with `build_glide_trainer`, resumes when asked (`resolve_checkpoint`), trains, evaluates once
+    more at the end when there is held-out data, and saves the draft (weights without the target, config naming the
+    target, generation config), the tokenizer, a model card, `trainer_state.json` and the final metrics
+    (`all_results.json`) to `training_args.output_dir`.
+
+    Args:
+        glide_args (`GlideTrainingArguments`): target, data and recipe.
+        training_args (`transformers.TrainingArguments`): optimizer, schedule, batch size, precision (`bf16=True`
+            autocasts the fp32 draft), checkpoints, evaluation schedule (`eval_strategy`, `eval_steps`), logging.
+
+    Returns:
+        `GlideForCausalLM`: the trained draft, with its target attached.
+
+    Example:
+
+    ```python
+    >>> from transformers import TrainingArguments
+    >>> from glide_hf.trainer import GlideTrainingArguments, train_glide
+
+    >>> glide_args = GlideTrainingArguments(target="Qwen/Qwen2.5-7B-Instruct", data=["slimpajama.jsonl"],
+    ...                                     max_length=1024, packing=True, anchor_offset=True)
+    >>> training_args = TrainingArguments(output_dir="glide-stage1", bf16=True, learning_rate=5e-4, max_steps=1000)
+    >>> draft = train_glide(glide_args, training_args)
+    ```
+    """
+    trainer = build_glide_trainer(glide_args, training_args)
+    checkpoint = resolve_checkpoint(glide_args, training_args)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(_final_eval_metrics(trainer))
+    output_dir = training_args.output_dir
+    trainer.save_model(output_dir)
+    trainer.save_state()
+    trainer.save_metrics("all", metrics, combined=False)
+    draft = trainer.model
+    if trainer.is_world_process_zero():
+        write_model_card(draft, output_dir, tags=MODEL_CARD_TAGS)
+        logger.info(f"Saved the GLIDE draft to `{output_dir}`.")
+    return draft
+
+
+# --- command line ----------------------------------------------------------------------------------------------------
+
+
+def _apply_config_file(parser: HfArgumentParser, argv: list[str]) -> list[str]:
+    """If `argv` starts with a YAML or JSON file, make its keys the parser's defaults (the remaining flags override
+    them) and return the remaining flags."""
+    if not argv or argv[0].startswith("-") or not argv[0].lower().endswith(CONFIG_FILE_SUFFIXES):
+        return argv
+    path = argv[0]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.lower().endswith(".json"):
+                values = json.load(handle)
+            else:
+                import yaml
+
+                values = yaml.safe_load(handle)
+    except (OSError, ValueError) as error:
+        parser.error(f"cannot read the config file {path}: {error}")
+    if not isinstance(values, dict):
+        parser.error(f"the config file {path} must hold a mapping of flag names to values")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"unknown keys in {path}: {', '.join(unknown)}")
+    # `set_defaults` also reaches a `--no_*` flag sharing the destination. argparse converts string defaults with
+    # the flag's type, so YAML's `5e-4` (a string in YAML 1.1) becomes a float.
+    parser.set_defaults(**values)
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False
+    return argv[1:]
+
+
+def parse_train_args(
+    argv: list[str], prog: str = "glide-hf train"
+) -> tuple[GlideTrainingArguments, TrainingArguments, GlideCliArguments]:
+    """Parse `glide-hf train` flags (optionally after a YAML/JSON config file); invalid values exit through
+    `parser.error` (status 2)."""
+    parser = HfArgumentParser(
+        (GlideTrainingArguments, TrainingArguments, GlideCliArguments),
+        prog=prog,
+        description="Train a GLIDE draft for a target model (Trainer, LongSpec recipe). A YAML or JSON file of the "
+        "same fields may come first; later flags override it.",
+    )
+    argv = _apply_config_file(parser, list(argv))
+    try:
+        glide_args, training_args, cli_args, remaining = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True, look_for_args_file=False
+        )
+    except ValueError as error:  # dataclass checks: `GlideConfigError` and TrainingArguments' own
+        parser.error(str(error))
+    if remaining:
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    if glide_args.resume and training_args.resume_from_checkpoint:
+        parser.error("give `--resume` (last checkpoint in output_dir) or `--resume_from_checkpoint PATH`, not both")
+    return glide_args, training_args, cli_args
+
+
+def resolved_config(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> dict:
+    """The configuration a run would use, as JSON-ready data (what `--dry-run` prints)."""
+    return {
+        "glide": dataclasses.asdict(glide_args),
+        "training": json.loads(training_args.to_json_string()),
+        "resolved": {
+            "target_dtype": str(resolve_target_dtype(glide_args, training_args)).removeprefix("torch."),
+            "resume_from_checkpoint": resolve_checkpoint(glide_args, training_args),
+        },
+    }
+
+
+@contextmanager
+def _cli_logging(training_args: TrainingArguments) -> Iterator[None]:
+    """Show glide_hf's logs on stderr at the Trainer's level for this process (info on the main process, warnings
+    on the others unless `log_level_replica` says otherwise), then restore the logger."""
+    package_logger = pylogging.getLogger(PACKAGE_LOGGER_NAME)
+    handler = pylogging.StreamHandler(sys.stderr)
+    handler.setFormatter(pylogging.Formatter("[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"))
+    level = training_args.get_process_log_level()
+    if training_args.should_log and training_args.log_level == "passive":
+        level = pylogging.INFO  # lifecycle messages (data counts, resume, save) on the main process
+    previous = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(level)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous)
+
+
+def run_cli(argv: list[str], prog: str) -> int:
+    """`glide-hf train`: parse the flags, then `train_glide` (or print the configuration with `--dry-run`)."""
+    glide_args, training_args, cli_args = parse_train_args(argv, prog)
+    if cli_args.dry_run:
+        print(json.dumps(resolved_config(glide_args, training_args), indent=2))
+        return 0
+    with _cli_logging(training_args):
+        train_glide(glide_args, training_args)
+    if cli_args.output_json and training_args.should_save:
+        with open(os.path.join(training_args.output_dir, "all_results.json"), encoding="utf-8") as handle:
+            metrics = json.load(handle)
+        with open(cli_args.output_json, "w", encoding="utf-8") as handle:
+            json.dump({"output_dir": training_args.output_dir, "metrics": metrics}, handle, indent=2)
+    return 0
+
+
+__all__ = [
+    "AcceptanceEvalCallback",
+    "GlideCliArguments",
+    "GlideTrainingArguments",
+    "align_special_tokens",
+    "build_collator",
+    "build_data",
+    "build_draft",
+    "build_glide_trainer",
+    "count_forward_calls",
+    "load_target",
+    "load_tokenizer",
+    "parse_train_args",
+    "resolve_checkpoint",
+    "resolve_target_dtype",
+    "resolved_config",
+    "run_cli",
+    "tokens_per_target_forward",
+    "train_glide",
+]
