@@ -234,3 +234,24 @@ def test_target_kv_layer_selects_the_layer_read():
     cache = DynamicCache(config=target.config)
     target(ids, cache=cache, use_cache=True)
     assert torch.equal(keys, cache.layers[0].keys)
+
+
+def test_training_forward_stops_the_target_after_the_layer_it_reads():
+    target = build_target(num_hidden_layers=4)
+    draft = build_draft(target, target_kv_layer=1)
+    calls = []
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args, index=index: calls.append(index))
+        for index, layer in enumerate(target.model.layers)
+    ]
+    ids = random_ids(1, 8)
+    draft(ids, draft_lag=1)
+    for handle in handles:
+        handle.remove()
+    assert calls == [0, 1]
+    assert target.config.num_hidden_layers == 4
+    assert [len(target.model.layers)] == [4]
+    full = DynamicCache(config=target.config)
+    target(ids, cache=full, use_cache=True)
+    keys, values = draft.model.capture_target_kv(ids, torch.ones_like(ids), torch.arange(8)[None])
+    assert torch.equal(keys, full.layers[1].keys) and torch.equal(values, full.layers[1].values)

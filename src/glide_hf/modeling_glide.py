@@ -709,15 +709,24 @@ class GlideModel(GlidePreTrainedModel):
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, position_ids: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen target on `input_ids` and return the keys/values `[B, H_kv, S, D]` of the layer the
-        cross-attention reads; the other layers' keys/values are dropped as soon as they are computed."""
+        cross-attention reads. The other layers' keys/values are dropped as soon as they are computed, and the
+        layers after the one read do not run at all."""
         target = self._require_target()
         layer_idx = self.config.target_kv_layer_index
         num_layers = self.config.target_config.num_hidden_layers
         capture = Cache(layers=[DynamicLayer() if i == layer_idx else _DiscardingLayer() for i in range(num_layers)])
-        target.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=capture,
-            use_cache=True,
-        )
+        decoder = target.get_decoder()
+        # Transformers' decoders run `layers[: config.num_hidden_layers]` (its early-exit drafting uses the same
+        # switch): lowered for this call only, restored whatever happens.
+        full_depth = decoder.config.num_hidden_layers
+        decoder.config.num_hidden_layers = layer_idx + 1
+        try:
+            decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=capture,
+                use_cache=True,
+            )
+        finally:
+            decoder.config.num_hidden_layers = full_depth
         return capture.layers[layer_idx].keys, capture.layers[layer_idx].values
 
     def forward(
