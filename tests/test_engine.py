@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_assisted import CHI2_CRITICAL_63_DOF
 from test_modeling import VOCAB, build_draft, build_target, random_ids
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from glide_hf import GlideConfigError, GlideForCausalLM, UnsupportedGenerationError
 from glide_hf.engine import GlideGenerateOutput
@@ -261,10 +261,39 @@ def test_beam_search_is_rejected_with_a_clear_error():
         draft.generate(random_ids(1, 4), max_new_tokens=3, num_beams=2)
 
 
-def test_repetition_penalty_is_rejected_with_a_clear_error():
-    draft = build_draft(build_target())
-    with pytest.raises(UnsupportedGenerationError, match="repetition_penalty"):
-        draft.generate(random_ids(1, 4), max_new_tokens=3, repetition_penalty=1.3)
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_history_dependent_processing_equals_the_targets(strategy):
+    """Repetition penalty, no-repeat n-grams and a user processor read each token's history: the engine applies
+    them per tree node with that node's own history, and greedy output stays identical, for a padded batch too."""
+    target = build_target()
+    draft = build_draft(target)
+    settings = dict(repetition_penalty=1.3, no_repeat_ngram_size=3, max_new_tokens=20, do_sample=False)
+    prompts = [random_ids(1, 6, seed=5)[0], random_ids(1, 3, seed=6)[0]]
+    ids, mask = left_pad(prompts)
+    expected = target.generate(ids, attention_mask=mask, **settings)
+    got = draft.generate(ids, attention_mask=mask, **settings, **STRATEGIES[strategy])
+    assert torch.equal(expected, got)
+
+
+class BanToken(LogitsProcessor):
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        return scores.masked_fill(torch.arange(scores.shape[-1]) == self.token, float("-inf"))
+
+
+def test_user_logits_processor_is_applied_at_every_node():
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(1, 5, seed=3)
+    free = target.generate(prompt, max_new_tokens=20, do_sample=False)
+    banned = int(free[0, 9])
+    processors = LogitsProcessorList([BanToken(banned)])
+    expected = target.generate(prompt, max_new_tokens=20, do_sample=False, logits_processor=processors)
+    got = draft.generate(prompt, max_new_tokens=20, do_sample=False, logits_processor=processors)
+    assert torch.equal(expected, got)
+    assert banned not in got[0, 5:].tolist()
 
 
 def test_prompt_beyond_the_targets_positions_is_rejected():

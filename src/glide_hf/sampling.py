@@ -7,8 +7,11 @@ node's draw. Every emitted token is therefore a draw from the target given the a
 follows the target's distribution exactly. This holds because the draft chooses its candidates deterministically
 from its own logits (`tree.py`), independently of the verifier's random numbers, and sibling tokens are distinct.
 
-Logits are processed as `target.generate` does: temperature, then top-k, then top-p, then min-p (Transformers'
-own warpers, fp32), with end-of-sequence suppressed while fewer than `min_new_tokens` tokens exist.
+Logits are processed as `target.generate` does. Without history-dependent settings: temperature, then top-k, then
+top-p, then min-p (Transformers' own warpers, fp32), with end-of-sequence suppressed while fewer than
+`min_new_tokens` tokens exist, all on the device. With a user `logits_processor` or settings such as
+`repetition_penalty`, the engine applies Transformers' whole processor list to each node with that node's own
+history (prompt, tokens so far, the node's ancestors) before calling `verify_tree`.
 """
 
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from transformers.generation.logits_process import (
 from .errors import UnsupportedGenerationError
 from .tree import DraftTree
 
-__all__ = ["Verdict", "build_warpers", "check_generation_config", "verify_tree"]
+__all__ = ["Verdict", "build_warpers", "check_generation_config", "needs_token_histories", "verify_tree"]
 
 # Settings whose processors read each token's history; a tree would need a history per node for them.
 _HISTORY_DEPENDENT = {
@@ -47,6 +50,11 @@ _HISTORY_DEPENDENT = {
 }
 
 
+def needs_token_histories(config: GenerationConfig) -> bool:
+    """Whether `config` asks for a logits processor that reads each token's history (repetition penalty, ...)."""
+    return any(getattr(config, name, neutral) not in (None, neutral) for name, neutral in _HISTORY_DEPENDENT.items())
+
+
 def check_generation_config(config: GenerationConfig) -> None:
     """Raise `UnsupportedGenerationError` for a mode or setting the engine does not implement."""
     if (config.num_beams or 1) > 1:
@@ -57,13 +65,11 @@ def check_generation_config(config: GenerationConfig) -> None:
         raise UnsupportedGenerationError(
             "`num_return_sequences > 1` is not supported by the GLIDE engine; repeat the prompt in the batch instead."
         )
-    for name, neutral in _HISTORY_DEPENDENT.items():
-        value = getattr(config, name, neutral)
-        if value is not None and value != neutral:
-            raise UnsupportedGenerationError(
-                f"`{name}={value!r}` is not supported by the GLIDE engine yet (its processor depends on each "
-                "token's history). Use `target.generate(..., assistant_model=draft)` for it."
-            )
+    if getattr(config, "guidance_scale", None) not in (None, 1.0):
+        raise UnsupportedGenerationError(
+            f"`guidance_scale={config.guidance_scale}` (classifier-free guidance) is not supported by the GLIDE "
+            "engine."
+        )
 
 
 def build_warpers(config: GenerationConfig) -> LogitsProcessorList:
