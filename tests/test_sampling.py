@@ -2,11 +2,11 @@
 
 Synthetic target conditionals over an 8-token vocabulary define the exact joint distribution of the first two
 tokens; trees are built from a different synthetic draft the way the engine builds them (deterministic top-k
-children), and `verify_tree` runs on 200 000 copies at once. A chi-square test over the possible cells (64 when
-no warper truncates the vocabulary) at alpha = 0.001
-has power above 0.9 against w = 0.02 at this size (noncentrality 200 000 * 0.02^2 = 80). Negative controls: the
-same test must reject a sampler that accepts children by the ratio p / q (the rule for children drawn from q,
-biased for top-k children) and one that trusts the draft.
+children), and `verify_tree` runs on 200 000 copies at once. A chi-square test over the cells the target can
+produce (64 when no warper truncates the vocabulary) at alpha = 0.001 has power above 0.9 against w = 0.02 at this
+size (noncentrality 200 000 * 0.02^2 = 80). Controls: the same test rejects draws with a 2% shift and a sampler that
+accepts children by the ratio p / q (the rule for children drawn from q, biased for top-k children); the
+engine-level control that trusts the draft is in test_engine.py.
 """
 
 import pytest
