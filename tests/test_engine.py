@@ -319,3 +319,12 @@ def test_unknown_strategy_and_bad_tree_widths_are_rejected():
         draft.generate(random_ids(1, 4), max_new_tokens=3, draft_strategy="tree", tree_widths=(2, 0))
     with pytest.raises(GlideConfigError, match="tree_widths"):
         draft.generate(random_ids(1, 4), max_new_tokens=3, draft_strategy="tree", tree_widths=(VOCAB + 1,))
+
+
+def test_engine_is_exact_with_eager_attention():
+    target = build_target()
+    draft = build_draft(target, sliding_window=5)
+    target.set_attn_implementation("eager")
+    draft.set_attn_implementation("eager")
+    prompts = [random_ids(1, 9, seed=7)[0], random_ids(1, 4, seed=8)[0]]
+    assert_rows_equal_single_generation(target, draft, prompts, 16, **STRATEGIES["tree"])
