@@ -328,3 +328,9 @@ def test_engine_is_exact_with_eager_attention():
     draft.set_attn_implementation("eager")
     prompts = [random_ids(1, 9, seed=7)[0], random_ids(1, 4, seed=8)[0]]
     assert_rows_equal_single_generation(target, draft, prompts, 16, **STRATEGIES["tree"])
+
+
+def test_max_length_not_beyond_the_prompt_is_rejected():
+    draft = build_draft(build_target())
+    with pytest.raises(UnsupportedGenerationError, match="max_length=5"):
+        draft.generate(random_ids(1, 5), max_length=5)

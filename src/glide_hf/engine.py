@@ -148,6 +148,11 @@ def glide_generate(
     pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_token_ids or [0])[0]
     prompt_length = input_ids.shape[1]
     max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_length
+    if max_new_tokens < 1:
+        raise UnsupportedGenerationError(
+            f"Nothing to generate: the prompt has {prompt_length} tokens and `max_length={config.max_length}`. Set "
+            "`max_new_tokens` (or a larger `max_length`)."
+        )
     max_positions = target.config.max_position_embeddings
     if prompt_length + max_new_tokens + policy.depth > max_positions:
         raise UnsupportedGenerationError(
