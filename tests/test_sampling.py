@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from glide_hf.sampling import build_warpers, verify_tree
+from glide_hf.sampling import build_warpers, verify_sampled_chain, verify_tree
 from glide_hf.tree import DraftTree, TreePolicy
 
 VOCAB = 8
@@ -161,3 +161,46 @@ def test_greedy_accepts_the_longest_matching_path():
     assert verdict.num_accepted.tolist() == [2, 2, 2, 2]
     tokens = first_two_tokens(tree, verdict, second, warpers)
     assert tokens[0, 0] == first.argmax() and tokens[0, 1] == second[first.argmax()].argmax()
+
+
+def sampled_chain(draft_first, draft_second, batch: int):
+    """A 2-token chain drawn from the draft, as the engine draws it, with the distributions it was drawn from."""
+    q_first = torch.softmax(draft_first, -1)
+    token_one = torch.multinomial(q_first, batch, replacement=True)
+    q_second = torch.softmax(draft_second[token_one], -1)  # [B, V]
+    token_two = torch.multinomial(q_second, 1)[:, 0]
+    tree = DraftTree.start(torch.zeros(batch, dtype=torch.long), 3)
+    tree.add_level(1, torch.zeros(batch, 1, dtype=torch.long), token_one[:, None], torch.zeros(batch, 1),
+                   torch.ones(batch, 1, dtype=torch.bool))
+    tree.add_level(2, torch.ones(batch, 1, dtype=torch.long), token_two[:, None], torch.zeros(batch, 1),
+                   torch.ones(batch, 1, dtype=torch.bool))
+    draft_probs = torch.stack([q_first[None].expand(batch, -1), q_second], dim=1)
+    return tree, draft_probs
+
+
+def test_speculative_sampling_of_a_drafted_chain_follows_the_target_distribution():
+    first, second = conditionals(0)
+    draft_first, draft_second = conditionals(1)
+    torch.manual_seed(0)
+    tree, draft_probs = sampled_chain(draft_first, draft_second, DRAWS)
+    target_probs = torch.softmax(target_logits_at_nodes(tree, first, second), -1)
+    verdict = verify_sampled_chain(tree, target_probs, draft_probs)
+    warpers = build_warpers(GenerationConfig())
+    pairs = first_two_tokens(tree, verdict, second, warpers)
+    assert chi_square_excess(pairs, processed_joint(first, second, SETTINGS["plain"])) < 0
+    assert 0 < verdict.num_accepted.float().mean() < 2
+
+
+def test_the_distribution_test_rejects_speculative_sampling_without_the_residual():
+    """Negative control: after a rejection, drawing from p instead of max(p - q, 0) over-weights the draft's
+    favourite tokens."""
+    first, second = conditionals(0)
+    draft_first, draft_second = conditionals(1)
+    torch.manual_seed(0)
+    tree, draft_probs = sampled_chain(draft_first, draft_second, DRAWS)
+    target_probs = torch.softmax(target_logits_at_nodes(tree, first, second), -1)
+    verdict = verify_sampled_chain(tree, target_probs, draft_probs)
+    rows = (verdict.num_accepted < 2).nonzero().squeeze(-1)
+    verdict.next_token[rows] = torch.multinomial(target_probs[rows, verdict.num_accepted[rows]], 1)[:, 0]
+    pairs = first_two_tokens(tree, verdict, second, build_warpers(GenerationConfig()))
+    assert chi_square_excess(pairs, processed_joint(first, second, SETTINGS["plain"])) > 0

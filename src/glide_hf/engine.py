@@ -26,7 +26,15 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
 from .errors import GlideConfigError, UnsupportedGenerationError
-from .sampling import build_warpers, check_generation_config, needs_token_histories, verify_tree
+from .sampling import (
+    build_warpers,
+    check_generation_config,
+    needs_token_histories,
+    process_target_logits,
+    sample,
+    verify_sampled_chain,
+    verify_tree,
+)
 from .static_cache import DraftRingCache, SlotCache
 from .tree import DraftTree, TreePolicy, make_policy
 
@@ -404,11 +412,22 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
     logits = _draft_step(call, torch.stack([rows.previous, rows.roots], dim=1), positions, ring.ring_slots(positions),
                          None, tree, verified)[:, -1:]
     fed = torch.zeros(batch, 1, dtype=torch.long, device=device)  # tree nodes whose draft logits we hold
+    # A sampled chain draws its tokens from the draft (standard speculative sampling); trees, CAPE and greedy
+    # decoding choose them deterministically (see sampling.py).
+    sampled_chain = policy.kind == "chain" and call.config.do_sample
+    draft_probs = []
     for level in range(1, policy.depth + 1):
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        parent_local, tokens, scores, valid = policy.select(
-            level, logprobs, tree.scores.gather(1, fed), call.cape_bins
-        )
+        if sampled_chain:
+            probs = torch.softmax(call.warpers(None, logits[:, -1].float()), dim=-1)  # [B, V]
+            tokens = sample(probs)[:, None]
+            draft_probs.append(probs)
+            parent_local, valid = torch.zeros_like(tokens), torch.ones_like(tokens, dtype=torch.bool)
+            scores = tree.scores.gather(1, fed) + probs.gather(1, tokens).log()
+        else:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            parent_local, tokens, scores, valid = policy.select(
+                level, logprobs, tree.scores.gather(1, fed), call.cape_bins
+            )
         start = policy.level_start(level)
         tree.add_level(start, fed.gather(1, parent_local), tokens, scores, valid)
         if level == policy.depth:
@@ -430,12 +449,14 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
     # 3. Accept.
     if call.history_processors is not None:
         processed = _process_with_histories(call, rows, output, tree, target_logits)
-        verdict = verify_tree(tree, processed, [], call.config.do_sample, max_depth=policy.depth)
     else:
         suppress = (rows.generated[:, None] + tree.depths) < call.min_new_tokens
-        verdict = verify_tree(
-            tree, target_logits, call.warpers, call.config.do_sample, suppress, call.eos_tensor, policy.depth
-        )
+        processed = process_target_logits(target_logits, call.warpers, call.config.do_sample, suppress,
+                                          call.eos_tensor)
+    if sampled_chain:
+        verdict = verify_sampled_chain(tree, torch.softmax(processed, dim=-1), torch.stack(draft_probs, dim=1))
+    else:
+        verdict = verify_tree(tree, processed, [], call.config.do_sample, max_depth=policy.depth)
     if call.forced_acceptance is not None:  # benchmark only: pretend the first k drafts matched
         verdict.num_accepted.fill_(call.forced_acceptance)
         verdict.path = torch.arange(policy.depth + 1, device=device)[None].expand(batch, -1).contiguous()

@@ -979,8 +979,9 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             # First round of a new `target.generate` call: the target has not run yet, so any recorded cache belongs
             # to an earlier call. Draft one token without target context; the next rounds read the live cache.
             target_cache = DynamicCache()
-            kwargs["max_new_tokens"] = min(1, kwargs.get("max_new_tokens", 1))
-            kwargs["min_new_tokens"] = min(kwargs.get("min_new_tokens") or 0, kwargs["max_new_tokens"])
+            max_new_tokens = min(1, kwargs.get("max_new_tokens", 1))
+            kwargs["max_new_tokens"] = max_new_tokens
+            kwargs["min_new_tokens"] = min(kwargs.get("min_new_tokens") or 0, max_new_tokens)
         else:
             # The target's cache holds every accepted token but the newest one (its "bonus" token).
             target_cache = self.model.recorded_target_cache(input_ids.shape[1] - 1)

@@ -1,6 +1,8 @@
 """Verification of a draft tree against the target: which nodes are accepted, and the token that follows.
 
-One rule serves greedy decoding and sampling, for chains and trees alike (engine-notes section 2, rule 1): at every
+Sampled chains use standard speculative sampling (`verify_sampled_chain`): the draft samples its tokens, each is
+accepted with probability min(1, p / q), and a rejection is replaced by a draw from the residual max(p - q, 0).
+Everything else (greedy decoding, trees and CAPE) uses one rule (engine-notes section 2, rule 1): at every
 node v the engine draws `s_v` from the target's processed distribution at v (its argmax when greedy); a child is
 accepted when its token equals its parent's draw, and the token emitted after the deepest accepted node is that
 node's draw. Every emitted token is therefore a draw from the target given the accepted prefix, so the output
@@ -29,7 +31,16 @@ from transformers.generation.logits_process import (
 from .errors import UnsupportedGenerationError
 from .tree import DraftTree
 
-__all__ = ["Verdict", "build_warpers", "check_generation_config", "needs_token_histories", "verify_tree"]
+__all__ = [
+    "Verdict",
+    "build_warpers",
+    "check_generation_config",
+    "needs_token_histories",
+    "process_target_logits",
+    "sample",
+    "verify_sampled_chain",
+    "verify_tree",
+]
 
 # Settings whose processors read each token's history; a tree would need a history per node for them.
 _HISTORY_DEPENDENT = {
@@ -97,6 +108,33 @@ class Verdict:
     next_token: torch.Tensor  # [B] the target's token after the accepted path
 
 
+def process_target_logits(
+    target_logits: torch.Tensor,
+    warpers: LogitsProcessorList,
+    do_sample: bool,
+    suppress_eos: torch.Tensor | None = None,
+    eos_token_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The target's logits `[B, N, V]` as `generate` would sample or argmax them: fp32, end-of-sequence suppressed
+    where asked, then the sampling warpers (when sampling)."""
+    batch, num_nodes, vocab = target_logits.shape
+    logits = target_logits.float()
+    if suppress_eos is not None and eos_token_ids is not None and eos_token_ids.numel() > 0:
+        forbidden = torch.zeros(vocab, dtype=torch.bool, device=logits.device).index_fill_(0, eos_token_ids, True)
+        logits = logits.masked_fill(suppress_eos[:, :, None] & forbidden, float("-inf"))
+    if do_sample and len(warpers) > 0:
+        logits = warpers(None, logits.reshape(batch * num_nodes, vocab)).reshape(batch, num_nodes, vocab)
+    return logits
+
+
+def sample(weights: torch.Tensor) -> torch.Tensor:
+    """One draw per row from non-negative (not necessarily normalised) `weights` `[..., V]`.
+
+    Exponential race: argmax(w / E) with E ~ Exp(1) is a draw from w / sum(w), with no host synchronisation.
+    """
+    return (weights / torch.empty_like(weights).exponential_()).argmax(dim=-1)
+
+
 def verify_tree(
     tree: DraftTree,
     target_logits: torch.Tensor,
@@ -118,18 +156,9 @@ def verify_tree(
         eos_token_ids (`torch.Tensor`, *optional*): the end-of-sequence tokens `suppress_eos` applies to.
         max_depth (`int`, *optional*): the tree's depth, if known (avoids reading it from the device).
     """
-    batch, num_nodes, vocab = target_logits.shape
-    logits = target_logits.float()
-    if suppress_eos is not None and eos_token_ids is not None and eos_token_ids.numel() > 0:
-        forbidden = torch.zeros(vocab, dtype=torch.bool, device=logits.device).index_fill_(0, eos_token_ids, True)
-        logits = logits.masked_fill(suppress_eos[:, :, None] & forbidden, float("-inf"))
-    if do_sample:
-        flat = warpers(None, logits.reshape(batch * num_nodes, vocab)).reshape(batch, num_nodes, vocab)
-        probs = torch.softmax(flat, dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, with no host synchronisation.
-        draws = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
-    else:
-        draws = logits.argmax(dim=-1)  # [B, N]
+    logits = process_target_logits(target_logits, warpers, do_sample, suppress_eos, eos_token_ids)
+    draws = sample(torch.softmax(logits, dim=-1)) if do_sample else logits.argmax(dim=-1)  # [B, N]
+    batch, num_nodes = draws.shape
     parents = tree.parents.clamp(min=0)
     matches = tree.valid & (tree.tokens == draws.gather(1, parents))
     matches[:, 0] = True  # the root is already emitted
@@ -145,3 +174,31 @@ def verify_tree(
     path = (node_at_depth.long() * node_index).sum(-1)
     path = torch.where(node_at_depth.any(-1), path, depth_grid[None].expand_as(path))
     return Verdict(num_accepted=num_accepted, path=path, next_token=draws.gather(1, best[:, None])[:, 0])
+
+
+def verify_sampled_chain(tree: DraftTree, target_probs: torch.Tensor, draft_probs: torch.Tensor) -> Verdict:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) for a chain whose tokens were drawn from the
+    draft: accept token i while `u_i < p_i(x_i) / q_i(x_i)`; at the first rejection draw from
+    `max(p_i - q_i, 0)`; when every token passes, draw the next token from the target after the last one.
+
+    Args:
+        tree (`DraftTree`): a chain, node i (1..k) holding the token drawn from `draft_probs[:, i - 1]`.
+        target_probs (`torch.Tensor` `[B, k + 1, V]`): the target's processed distribution after each node.
+        draft_probs (`torch.Tensor` `[B, k, V]`): the exact distributions the draft tokens were drawn from.
+    """
+    batch, num_nodes, vocab = target_probs.shape
+    depth = num_nodes - 1
+    drafted = tree.tokens[:, 1:]  # [B, k]
+    p_drafted = target_probs[:, :depth].gather(-1, drafted[..., None])[..., 0]
+    q_drafted = draft_probs.gather(-1, drafted[..., None])[..., 0]  # > 0: each token was drawn from q
+    # `u < p / q` written without the division; u in [0, 1), so a token with p = 0 is never accepted.
+    passes = (torch.rand_like(p_drafted) * q_drafted < p_drafted) & tree.valid[:, 1:]
+    num_accepted = passes.long().cumprod(dim=-1).sum(dim=-1)  # [B]
+    index = num_accepted[:, None, None].expand(-1, 1, vocab)
+    p_next = target_probs.gather(1, index)[:, 0]
+    q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1).gather(1, index)[:, 0]
+    residual = (p_next - q_next).clamp(min=0)
+    # p == q leaves no residual mass, but then a rejection cannot happen: the draw falls back to p for safety.
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    path = torch.arange(num_nodes, device=drafted.device)[None].expand(batch, -1)
+    return Verdict(num_accepted=num_accepted, path=path, next_token=sample(residual))
