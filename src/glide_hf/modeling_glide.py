@@ -23,6 +23,7 @@ Two ways to give the draft its view of the target:
 This file and its relative imports form the code that `trust_remote_code=True` loads: single-dot imports only.
 """
 
+import copy
 import os
 import tempfile
 import weakref
@@ -991,6 +992,12 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
                     "target context this round (outputs stay exact, acceptance drops)."
                 )
                 target_cache = DynamicCache()
+        # Transformers hands these over beside `generation_config`; folded into a copy of it, `generate` does not
+        # warn about the mix on every call.
+        generation_config = copy.deepcopy(generation_config)
+        for key in ("max_new_tokens", "min_new_tokens", "use_cache"):
+            if key in kwargs:
+                setattr(generation_config, key, kwargs.pop(key))
         return super().generate(
             input_ids=input_ids, generation_config=generation_config, target_cache=target_cache, **kwargs
         )
