@@ -66,6 +66,10 @@ class ResumeMismatchError(GlideError, ValueError):
     """An output file to resume holds records that do not answer the prompts of the input data in order."""
 
 
+class ModelCardError(GlideError, ValueError):
+    """A results or training file given to the model card generator cannot be read or holds nothing usable."""
+
+
 __all__ = [
     "CacheStateError",
     "ChatTemplateError",
@@ -75,6 +79,7 @@ __all__ = [
     "EmptyDatasetError",
     "GlideConfigError",
     "GlideError",
+    "ModelCardError",
     "PeftConfigError",
     "ResumeMismatchError",
     "TargetMismatchError",

@@ -2,11 +2,12 @@
 
 `train_glide(glide_args, training_args)` loads the target (frozen; bf16 on CUDA, fp32 on CPU by default), builds a
 new draft (`GlideForCausalLM.from_target`) or continues an earlier one (`init_draft`: multi-stage training),
-prepares the data (`data.py`: formats, masking, packing or padding, Anchor-Offset positions), trains with a stock
-`Trainer` (fp32 draft weights, `bf16=True` for autocast; checkpoints, resume, `report_to` and progress bars are the
-Trainer's), and saves the final draft, its tokenizer and a model card to `output_dir`. When a held-out split exists,
-every evaluation also measures acceptance: tokens per target forward under greedy stock assisted decoding,
-logged as `eval_tokens_per_target_forward` beside `eval_loss`.
+prepares the data (`data.py`: formats, masking, packing or padding, Anchor-Offset positions), trains with
+`GlideTrainer`, a stock `Trainer` whose checkpoints are written atomically (fp32 draft weights, `bf16=True` for
+autocast; resume, `report_to` and progress bars are the Trainer's), and saves the final draft, its tokenizer and a
+model card to `output_dir`. When a held-out split exists, every evaluation also measures acceptance: tokens per
+target forward under greedy stock assisted decoding, logged as `eval_tokens_per_target_forward` beside
+`eval_loss`.
 
 `run_cli(argv, prog)` is the `glide-hf train` command: flags are the fields of `GlideTrainingArguments` and
 `transformers.TrainingArguments` (`--max_steps` or `--max-steps`), optionally read from a YAML or JSON file given
@@ -20,6 +21,7 @@ import dataclasses
 import json
 import logging as pylogging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +40,8 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
 from .data import AnchorOffset, GlideDataCollator, PreparedData, prepare_data
@@ -56,6 +59,8 @@ DRAFT_ARCHITECTURE_FIELDS = ("sliding_window", "target_kv_layer")
 DRAFT_TRAINING_FIELDS = ("max_draft_lag", "num_draft_tokens", "loss_implementation")
 ACCEPTANCE_METRIC = "eval_tokens_per_target_forward"
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+# A checkpoint is written under `checkpoint-N.tmp` and renamed to `checkpoint-N` once complete (`GlideTrainer`).
+CHECKPOINT_STAGING_SUFFIX = ".tmp"
 MODEL_CARD_TAGS = ["glide-hf-train"]
 
 
@@ -469,10 +474,89 @@ class _CollatorEpochCallback(TrainerCallback):
         self.collator.set_epoch(int(state.epoch or 0))
 
 
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+
+
+class GlideTrainer(Trainer):
+    """A `transformers.Trainer` whose checkpoints appear whole or not at all; everything else is Trainer's.
+
+    Trainer (5.24) writes `checkpoint-N` file by file: weights, optimizer, scheduler, RNG states, `trainer_state.json`.
+    A run killed in between (preemption, out of memory, Ctrl-C) leaves a folder with that name but without, say, its
+    optimizer or RNG state, and `get_last_checkpoint` (so `--resume`) picks it: the resumed run then fails or, worse,
+    silently restarts the optimizer. Here every process writes into `checkpoint-N.tmp/checkpoint-N`; once all of them
+    are done (barrier), the saving process moves the finished folder to `checkpoint-N` with one `os.replace`, atomic
+    within a file system. A crash therefore leaves only a `checkpoint-N.tmp` folder, which `get_last_checkpoint`
+    ignores (it matches `checkpoint-<digits>` exactly) and the next checkpoint save removes.
+
+    The guarantee covers a killed process, not the loss of the host's page cache (files are not fsync'ed). With
+    several nodes, `output_dir` is either on a file system that all nodes share (`save_on_each_node` off, its
+    default: one process renames) or on each node's own disk with `save_on_each_node=True` (one process per node).
+    """
+
+    # Set only while `_save_checkpoint` runs: the folder that Trainer's own checkpoint code takes as `output_dir`.
+    _checkpoint_staging_dir: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        # Trainer's `_save_checkpoint` writes to `_get_output_dir(trial)/checkpoint-N` and reads nothing else there
+        # but the best checkpoint, fixed up below; pointing it at the staging folder makes it write there.
+        if self._checkpoint_staging_dir is not None:
+            return self._checkpoint_staging_dir
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        checkpoint_dir = os.path.join(run_dir, name)
+        staging_dir = checkpoint_dir + CHECKPOINT_STAGING_SUFFIX
+        staged_checkpoint_dir = os.path.join(staging_dir, name)
+        if self.args.should_save:
+            _remove_staging_leftovers(run_dir)
+        self.accelerator.wait_for_everyone()  # no process writes into a folder that is being removed
+        self._checkpoint_staging_dir = staging_dir
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging_dir = None
+        self.accelerator.wait_for_everyone()  # every process's files (RNG states, FSDP/DeepSpeed shards) are written
+        best_is_this_one = self.state.best_model_checkpoint == staged_checkpoint_dir
+        if best_is_this_one:
+            # This checkpoint is the best so far, and Trainer recorded its staging path (on every process, all of
+            # which load it with `load_best_model_at_end`).
+            self.state.best_model_checkpoint = checkpoint_dir
+        if self.args.should_save:
+            if best_is_this_one:
+                self.state.save_to_json(os.path.join(staged_checkpoint_dir, TRAINER_STATE_NAME))
+            if os.path.isdir(checkpoint_dir):
+                # Saved again at the same step (Trainer would overwrite its files): the new one replaces it.
+                shutil.rmtree(checkpoint_dir)
+            os.replace(staged_checkpoint_dir, checkpoint_dir)
+            os.rmdir(staging_dir)
+            # Trainer rotated the staging folder, which holds this checkpoint only; rotate the real ones.
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()  # the checkpoint exists under its name on every process's return
+
+
+def _remove_staging_leftovers(run_dir: str) -> None:
+    """Remove `checkpoint-*.tmp` folders of checkpoint saves that did not finish (the process was killed)."""
+    if not os.path.isdir(run_dir):
+        return
+    for entry in os.listdir(run_dir):
+        path = os.path.join(run_dir, entry)
+        if entry.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and entry.endswith(CHECKPOINT_STAGING_SUFFIX):
+            if os.path.isdir(path):
+                logger.warning(f"Removing `{path}`, left by a checkpoint save that did not finish.")
+                shutil.rmtree(path)
+
+
 # --- training --------------------------------------------------------------------------------------------------------
 
 
-def build_glide_trainer(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> Trainer:
+def build_glide_trainer(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> GlideTrainer:
     """Everything `train_glide` trains with, before training: target, draft, data, collator and callbacks.
 
     Useful to inspect or customise the `Trainer` (add callbacks, swap the optimizer) before `trainer.train()`.
@@ -485,7 +569,7 @@ def build_glide_trainer(glide_args: GlideTrainingArguments, training_args: Train
     align_special_tokens(draft, tokenizer, target)
     data = build_data(glide_args, training_args, tokenizer)
     collator = build_collator(glide_args, training_args, tokenizer, target)
-    trainer = Trainer(
+    trainer = GlideTrainer(
         model=draft,
         args=training_args,
         train_dataset=data.train_dataset,
@@ -688,6 +772,7 @@ def run_cli(argv: list[str], prog: str) -> int:
 __all__ = [
     "AcceptanceEvalCallback",
     "GlideCliArguments",
+    "GlideTrainer",
     "GlideTrainingArguments",
     "align_special_tokens",
     "build_collator",
