@@ -9,7 +9,7 @@ from test_assisted import CHI2_CRITICAL_63_DOF
 from test_modeling import VOCAB, build_draft, build_target, random_ids
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from glide_hf import GlideConfigError, GlideForCausalLM, UnsupportedGenerationError
+from glide_hf import GlideConfigError, GlideForCausalLM, TargetNotAttachedError, UnsupportedGenerationError
 from glide_hf.engine import GlideGenerateOutput
 
 STRATEGIES = {
@@ -208,12 +208,29 @@ class StopAfter(StoppingCriteria):
         return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
 
 
-def test_stopping_criteria_end_generation():
+def test_stopping_criteria_end_generation_where_the_target_stops():
     target = build_target()
     draft = build_draft(target)
-    out = draft.generate(random_ids(1, 5), max_new_tokens=40, do_sample=False, eos_token_id=None,
-                         stopping_criteria=StoppingCriteriaList([StopAfter(12)]))
-    assert 12 <= out.shape[1] < 45
+    prompt = random_ids(1, 5)
+    criteria = StoppingCriteriaList([StopAfter(12)])
+    settings = dict(max_new_tokens=40, do_sample=False, eos_token_id=None, stopping_criteria=criteria)
+    expected = target.generate(prompt, **settings)
+    got = draft.generate(prompt, **settings)
+    assert got.shape[1] == 12
+    assert torch.equal(expected, got)
+
+
+def test_unsupported_outputs_are_rejected():
+    draft = build_draft(build_target())
+    with pytest.raises(UnsupportedGenerationError, match="output_scores"):
+        draft.generate(random_ids(1, 4), max_new_tokens=3, output_scores=True, return_dict_in_generate=True)
+
+
+def test_draft_follows_its_target_to_the_targets_device():
+    target = build_target().to(torch.float64)
+    draft = GlideForCausalLM.from_target(target, sliding_window=4, dtype=torch.float64)
+    assert draft.model.layer.mlp.up_proj.weight.dtype == torch.float64
+    assert draft.model.layer.mlp.up_proj.weight.device == target.lm_head.weight.device
 
 
 def test_streamer_receives_prompt_then_every_new_token():
@@ -307,7 +324,7 @@ def test_generate_without_a_target_is_rejected():
     from glide_hf import GlideConfig
 
     draft = GlideForCausalLM(GlideConfig(target_config=target.config, sliding_window=8))
-    with pytest.raises(UnsupportedGenerationError, match="no target attached"):
+    with pytest.raises(TargetNotAttachedError, match="no target attached"):
         draft.generate(random_ids(1, 4), max_new_tokens=3)
 
 

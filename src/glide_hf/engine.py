@@ -13,8 +13,9 @@ One round, for every row of the batch at once:
    from the batch.
 
 Rows keep their own lengths (`static_cache.py`), so a row that accepts five tokens never waits for one that accepts
-none. One host synchronisation per round decides which rows finished. What this engine leaves to later work: CUDA
-graphs / torch.compile of the step functions, and a fused kernel for the prefix part of tree attention.
+none. A round has static shapes and no host synchronisation, so on CUDA it is captured once and replayed as one
+CUDA graph; one host synchronisation per round then decides which rows finished. Left to later work: a fused,
+length-aware kernel for the prefix part of tree attention (the verify forward passes an explicit mask today).
 """
 
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
-from .errors import GlideConfigError, UnsupportedGenerationError
+from .errors import GlideConfigError, TargetNotAttachedError, UnsupportedGenerationError
 from .sampling import (
     build_warpers,
     check_generation_config,
@@ -135,7 +136,7 @@ def glide_generate(
     """
     target = draft.target
     if target is None:
-        raise UnsupportedGenerationError(
+        raise TargetNotAttachedError(
             "This GLIDE draft has no target attached: load it with `from_pretrained(path, target_model=target)` or "
             "call `attach_target(target)` before `generate`."
         )
@@ -220,7 +221,7 @@ def glide_generate(
                 # One host synchronisation per round, shared with the finished-rows check below.
                 streamer.put(result.new_tokens[:, : int(result.count.max())].cpu())
             if call.stopping_criteria:
-                finished |= _stopping_criteria_met(call, rows, output)
+                finished |= _stop_where_criteria_are_met(call, rows, output, result.count)
             if _drop(call, rows, finished):
                 runner.invalidate()
     if streamer is not None:
@@ -601,6 +602,20 @@ def _finished_rows(call: _Call, rows: _Rows, output: torch.Tensor, with_criteria
     if with_criteria and call.stopping_criteria:
         done |= _stopping_criteria_met(call, rows, output)
     return done
+
+
+def _stop_where_criteria_are_met(call: _Call, rows: _Rows, output: torch.Tensor, count: torch.Tensor):
+    """Rows whose stopping criteria fired this round, cut back to the first token at which they fire (as
+    `target.generate`, which checks after every token, would stop). Runs on the host, for the rows that fired."""
+    fired = _stopping_criteria_met(call, rows, output)
+    for row in fired.nonzero().squeeze(-1).tolist():
+        original, end = int(rows.index[row]), int(rows.generated[row])
+        for length in range(end - int(count[row]) + 1, end + 1):
+            sequence = torch.cat([call.prompts[original], output[original, :length]])[None]
+            if bool(call.stopping_criteria(sequence, None).any()):
+                rows.generated[row] = length
+                break
+    return fired
 
 
 def _stopping_criteria_met(call: _Call, rows: _Rows, output: torch.Tensor) -> torch.Tensor:

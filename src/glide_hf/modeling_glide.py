@@ -591,8 +591,9 @@ class GlidePreTrainedModel(PreTrainedModel):
         config_overrides.setdefault("target_name_or_path", name_or_path)
         config = GlideConfig(target_config=target.config, **config_overrides)
         model = cls(config)
-        if dtype is not None:
-            model = model.to(dtype)
+        # The draft lives where the target's embedding does (its first input), unless the target has no weights
+        # (built on the meta device to read its shape only).
+        model = model.to(device=_draft_device(target), dtype=dtype)
         return model.attach_target(target)
 
     @classmethod
@@ -623,11 +624,19 @@ class GlidePreTrainedModel(PreTrainedModel):
                     "its target cannot be loaded automatically: pass it as `target_model=`."
                 )
             target_model = _load_target(model.config.target_name_or_path, target_kwargs)
+        if "device_map" not in kwargs:
+            model = model.to(_draft_device(target_model))
         return model.attach_target(target_model)
 
 
 # `save_pretrained(push_to_hub=True, ...)` keywords that concern the upload, not the files.
 _PUSH_ONLY_KWARGS = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
+
+
+def _draft_device(target: PreTrainedModel) -> torch.device | None:
+    """Where a draft for `target` belongs: beside the target's embedding; None for a weightless (meta) target."""
+    device = target.get_input_embeddings().weight.device
+    return None if device.type == "meta" else device
 
 
 def _is_target_key(name: str) -> bool:
@@ -940,9 +949,12 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             input_ids (`torch.LongTensor` of shape `[batch, length]`): prompts, left-padded.
             attention_mask (`torch.Tensor` of shape `[batch, length]`, *optional*): 0 on padding.
             generation_config (`GenerationConfig`, *optional*): as for `target.generate`; defaults to the target's.
-                Supported: greedy and sampling (`temperature`, `top_k`, `top_p`, `min_p`), `max_new_tokens`,
-                `max_length`, `min_new_tokens`, `eos_token_id` (each row stops on its own), `pad_token_id`,
-                `return_dict_in_generate` (then acceptance statistics are returned).
+                Supported: greedy and sampling (`temperature`, `top_k`, `top_p`, `min_p`; sampled chains use
+                speculative sampling with residual resampling), `max_new_tokens`, `max_length`, `min_new_tokens`,
+                `eos_token_id` (each row stops on its own), `pad_token_id`, history-dependent processing
+                (`repetition_penalty`, `no_repeat_ngram_size`, a `logits_processor` list: applied per tree node
+                with its own history, without CUDA graphs), `return_dict_in_generate` (then acceptance statistics
+                are returned). Scores, attentions and hidden states are not returned.
             draft_strategy (`str`, *optional*, defaults to `"chain"`): `"chain"` (`num_draft_tokens` tokens a round),
                 `"tree"` (LongSpec's dynamic beam with `tree_widths`, default `(4, 16, 16, 16, 16)`), or `"cape"`
                 (a greedy spine of `num_draft_tokens` with confidence-dependent side candidates, `cape_bins`).

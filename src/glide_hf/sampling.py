@@ -76,6 +76,17 @@ def check_generation_config(config: GenerationConfig) -> None:
         raise UnsupportedGenerationError(
             "`num_return_sequences > 1` is not supported by the GLIDE engine; repeat the prompt in the batch instead."
         )
+    for name in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+        if getattr(config, name, False):
+            raise UnsupportedGenerationError(
+                f"`{name}=True` is not supported by the GLIDE engine: it returns sequences and acceptance "
+                "statistics only. Use `target.generate(..., assistant_model=draft)` for scores."
+            )
+    for name in ("stop_strings", "prompt_lookup_num_tokens", "assistant_early_exit"):
+        if getattr(config, name, None) is not None:
+            raise UnsupportedGenerationError(
+                f"`{name}` is not supported by the GLIDE engine; pass `stopping_criteria` or use `target.generate`."
+            )
     if getattr(config, "guidance_scale", None) not in (None, 1.0):
         raise UnsupportedGenerationError(
             f"`guidance_scale={config.guidance_scale}` (classifier-free guidance) is not supported by the GLIDE "

@@ -456,7 +456,8 @@ class AcceptanceEvalCallback(TrainerCallback):
 
 
 def _weights_are_sharded(args: TrainingArguments) -> bool:
-    if args.fsdp:
+    # `accelerate launch` with an FSDP config leaves `args.fsdp` empty; its environment variable says so instead.
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
         return True
     from transformers.integrations import is_deepspeed_zero3_enabled
 
