@@ -46,6 +46,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from .bench import count_forward_calls
 from .loss import IGNORE_INDEX
 from .modeling_glide import GlideForCausalLM
 
@@ -439,26 +440,6 @@ def train_draft(
     steps = trainer.state.global_step
     logger.info(f"Draft trained for {steps} steps in {budget.elapsed():.0f} s")
     return steps
-
-
-@dataclass
-class _CallCounter:
-    count: int = 0
-
-
-@contextmanager
-def count_forward_calls(module: torch.nn.Module) -> Iterator[_CallCounter]:
-    """Count calls of `module.forward` inside the block with a forward pre-hook, removed on exit."""
-    counter = _CallCounter()
-
-    def hook(module, args, kwargs):
-        counter.count += 1
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield counter
-    finally:
-        handle.remove()
 
 
 @dataclass

@@ -44,6 +44,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
+from .bench import count_forward_calls
 from .data import AnchorOffset, GlideDataCollator, PreparedData, prepare_data
 from .errors import GlideConfigError, TargetMismatchError, TargetNotFoundError
 from .model_card import write_model_card
@@ -358,26 +359,6 @@ def build_data(glide_args: GlideTrainingArguments, training_args: TrainingArgume
 
 
 # --- acceptance evaluation -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _CallCounter:
-    count: int = 0
-
-
-@contextmanager
-def count_forward_calls(module: torch.nn.Module) -> Iterator[_CallCounter]:
-    """Count calls of `module.forward` inside the block with a forward pre-hook, removed on exit."""
-    counter = _CallCounter()
-
-    def hook(module, args, kwargs):
-        counter.count += 1
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield counter
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
@@ -780,7 +761,6 @@ __all__ = [
     "build_data",
     "build_draft",
     "build_glide_trainer",
-    "count_forward_calls",
     "load_target",
     "load_tokenizer",
     "parse_train_args",
