@@ -173,9 +173,20 @@ def glide_generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
+    per_node_histories = bool(logits_processor) or needs_token_histories(config)
+    if use_cuda_graphs and per_node_histories:
+        raise UnsupportedGenerationError(
+            "History-dependent logits processing (a `logits_processor`, `repetition_penalty`, ...) runs per node on "
+            "the host and cannot be captured in a CUDA graph: pass `use_cuda_graphs=False`."
+        )
+    if use_cuda_graphs and not input_ids.is_cuda:
+        raise UnsupportedGenerationError("`use_cuda_graphs=True` needs the inputs and the models on a CUDA device.")
+    if use_cuda_graphs is None:
+        use_cuda_graphs = input_ids.is_cuda and not per_node_histories
+
     with torch.no_grad():
         history_processors = None
-        if logits_processor or needs_token_histories(config):
+        if per_node_histories:
             target._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)
             # One list per row: some processors hold per-row state (the repetition penalty skips each row's
             # padding), and the engine calls them node by node, each node with its own history.
@@ -190,18 +201,7 @@ def glide_generate(
             draft, target, policy, config, input_ids, attention_mask, max_new_tokens, eos_token_ids,
             stopping_criteria, forced_acceptance, history_processors,
         )
-        call.use_cuda_graphs = input_ids.is_cuda if use_cuda_graphs is None else use_cuda_graphs
-        if call.history_processors is not None and call.use_cuda_graphs:
-            if use_cuda_graphs:
-                raise UnsupportedGenerationError(
-                    "History-dependent logits processing (a `logits_processor`, `repetition_penalty`, ...) runs "
-                    "per node on the host and cannot be captured in a CUDA graph: pass `use_cuda_graphs=False`."
-                )
-            call.use_cuda_graphs = False
-        if call.use_cuda_graphs and not input_ids.is_cuda:
-            raise UnsupportedGenerationError(
-                "`use_cuda_graphs=True` needs the inputs and the models on a CUDA device."
-            )
+        call.use_cuda_graphs = use_cuda_graphs
         batch = input_ids.shape[0]
         # Room for a whole round past `max_new_tokens`: writes never collide; the excess is cut below.
         output = torch.full(
@@ -529,7 +529,7 @@ def _draft_step(call, tokens, positions, slots, query_nodes, tree, verified) -> 
         target_cache=call.target_cache, target_attention_mask=verified,
     ).last_hidden_state
     lm_head = call.draft.get_output_embeddings()
-    return lm_head(hidden.to(lm_head.weight.dtype)).float()
+    return lm_head(hidden.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)).float()
 
 
 def _verify_mask(call: _Call, rows: _Rows, tree: DraftTree):

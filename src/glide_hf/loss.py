@@ -92,9 +92,10 @@ def causal_lm_loss(
     Returns:
         `torch.Tensor`: a float32 scalar.
     """
-    hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
-    targets = labels[:, 1:].reshape(-1).to(hidden.device)
     weight, bias = lm_head.weight, lm_head.bias
+    # The LM head may sit on another device than the draft layer when the target is spread over several GPUs.
+    hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1]).to(weight.device)
+    targets = labels[:, 1:].reshape(-1).to(weight.device)
     if implementation == "liger":
         total = _liger_sum_cross_entropy(hidden, weight, bias, targets)
     elif implementation == "chunked":

@@ -100,7 +100,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 draft = AutoModelForCausalLM.from_pretrained(
     "{repo_id}", trust_remote_code=True, target_kwargs={{"dtype": torch.bfloat16, "device_map": "cuda"}}
-).to("cuda")
+)
 target = draft.target
 tokenizer = AutoTokenizer.from_pretrained("{tokenizer_name}")
 inputs = tokenizer("Write a haiku about caches.", return_tensors="pt").to("cuda")

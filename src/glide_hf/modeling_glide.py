@@ -925,7 +925,7 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
                 kept = hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states
             else:
                 kept = hidden_states[:, logits_to_keep, :]
-            logits = lm_head(kept.to(lm_head.weight.dtype)).float()
+            logits = lm_head(kept.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)).float()
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
     def generate(
