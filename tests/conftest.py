@@ -15,10 +15,16 @@ Fixtures:
         saved anywhere (e.g. `make_target("llama", num_key_value_heads=4)` for a target of another shape).
     make_draft(target, **overrides): `GlideForCausalLM.from_target(target, sliding_window=8, **overrides)` with a fixed
         seed; `target` is a model or a folder. The draft is returned as `from_target` leaves it (training mode).
+    target_dir: `str` folder holding a copy of the tiny Llama target beside the byte-level tokenizer of
+        tiny_tokenizer.py, as a real target folder holds both (module scope: each test module trains from its own
+        copy); the target of the `glide-hf train` tests. test_distill.py defines its own `target_dir`.
 """
+
+import shutil
 
 import pytest
 import torch
+from tiny_tokenizer import build_byte_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -116,3 +122,11 @@ def make_draft():
         return GlideForCausalLM.from_target(target, **overrides)
 
     return _make_draft
+
+
+@pytest.fixture(scope="module")
+def target_dir(tiny_llama_path, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("target_with_tokenizer") / "target"
+    shutil.copytree(tiny_llama_path, path)
+    build_byte_tokenizer().save_pretrained(path)
+    return str(path)

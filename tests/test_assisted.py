@@ -26,9 +26,10 @@ def test_greedy_assisted_output_equals_target_output(family, prompt_length):
         assert torch.equal(expected, assisted)
 
 
-def test_greedy_output_is_identical_for_a_draft_that_agrees_with_the_target():
-    """A draft whose LM head input is the target's own prediction accepts many tokens per round; the output must
-    still be identical. Train-free: a draft on a target whose logits depend on the current token only."""
+def build_agreeing_pair():
+    """Train-free `(target, draft)` that always agree: a one-layer target whose logits depend on the current token
+    only (a bigram model), and a draft whose layer adds nothing, so its LM head reads the current token's embedding
+    through the target's final norm, as the target's does."""
     target = build_target(num_hidden_layers=1)
     with torch.no_grad():
         for layer in target.model.layers:  # the target becomes a bigram model: output = f(current token)
@@ -40,6 +41,13 @@ def test_greedy_output_is_identical_for_a_draft_that_agrees_with_the_target():
                        draft.model.layer.mlp.down_proj):
             module.weight.zero_()
         draft.model.norm.weight.copy_(target.model.norm.weight)
+    return target, draft
+
+
+def test_greedy_output_is_identical_for_a_draft_that_agrees_with_the_target():
+    """A draft whose LM head input is the target's own prediction accepts many tokens per round; the output must
+    still be identical."""
+    target, draft = build_agreeing_pair()
     prompt = random_ids(1, 6)
     calls, handle = count_target_forwards(target)
     assisted = target.generate(prompt, assistant_model=draft, max_new_tokens=30, do_sample=False)

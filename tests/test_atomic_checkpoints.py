@@ -7,21 +7,18 @@ The crash is simulated by raising from Trainer's RNG-state save, which runs afte
 written: stock Trainer then leaves a folder that looks like a checkpoint but cannot resume the run exactly.
 """
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from tiny_tokenizer import build_byte_tokenizer
+from tiny_training import DATA_FILE, draft_weights, losses_by_step
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 import glide_hf.trainer as trainer_module
 from glide_hf.trainer import parse_train_args, train_glide
 
-DATA_FILE = Path(__file__).parent / "data" / "tiny_text.jsonl"  # 40 samples
 MAX_LENGTH = 48
 BATCH_SIZE = 8  # 5 steps per epoch
 MAX_STEPS = 10  # two epochs
@@ -32,14 +29,6 @@ LAST_GOOD_STEP = 6
 
 class SimulatedCrash(Exception):
     pass
-
-
-@pytest.fixture(scope="module")
-def target_dir(tiny_llama_path, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("target_with_tokenizer") / "target"
-    shutil.copytree(tiny_llama_path, path)
-    build_byte_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def train(target_dir: str, output_dir: Path, *extra: str, max_steps: int = MAX_STEPS) -> None:
@@ -75,16 +64,6 @@ def crash_when_saving_rng_state_at(step: int):
         save_rng_state(self, output_dir)
 
     return crashing_save_rng_state
-
-
-def losses_by_step(output_dir: Path) -> dict[int, float]:
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
-
-
-def draft_weights(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(path / "model.safetensors", framework="pt") as weights:
-        return {key: weights.get_tensor(key) for key in weights.keys()}
 
 
 @pytest.fixture(scope="module")

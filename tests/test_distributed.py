@@ -24,15 +24,13 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils.dataclasses import get_module_class_from_name
-from safetensors import safe_open
-from tiny_tokenizer import build_byte_tokenizer
+from tiny_training import DATA_FILE, draft_weights, losses_by_step
 
 from glide_hf.cli import main
 
 REPO = Path(__file__).parents[1]
 ACCELERATE_CONFIGS = REPO / "examples" / "accelerate"
 DDP_CONFIG = ACCELERATE_CONFIGS / "ddp.yaml"
-DATA_FILE = Path(__file__).parent / "data" / "tiny_text.jsonl"
 MAX_LENGTH = 48
 GLOBAL_BATCH = 4
 NUM_PROCESSES = 2
@@ -71,14 +69,6 @@ WRITE_AUDIT_HOOK = textwrap.dedent(
         sys.addaudithook(_record_writes)
     """
 )
-
-
-@pytest.fixture(scope="module")
-def target_dir(tiny_llama_path, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("target_with_tokenizer") / "target"
-    shutil.copytree(tiny_llama_path, path)
-    build_byte_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def train_flags(target_dir: str, output_dir: Path, per_device_batch: int, *extra: str) -> list[str]:
@@ -140,16 +130,6 @@ def launch_ddp(target_dir: str, output_dir: Path, *extra: str) -> dict[str, list
         rank: (log_dir / f"rank{rank}.log").read_text().splitlines() if (log_dir / f"rank{rank}.log").exists() else []
         for rank in range(NUM_PROCESSES)
     }
-
-
-def losses_by_step(output_dir: Path) -> dict[int, float]:
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
-
-
-def draft_weights(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(path / "model.safetensors", framework="pt") as weights:
-        return {key: weights.get_tensor(key) for key in weights.keys()}
 
 
 @pytest.fixture(scope="module")

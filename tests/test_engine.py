@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_assisted import CHI2_CRITICAL_63_DOF
+from test_assisted import CHI2_CRITICAL_63_DOF, build_agreeing_pair
 from test_modeling import VOCAB, build_draft, build_target, random_ids
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
@@ -110,16 +110,7 @@ def test_return_dict_reports_acceptance_statistics():
 
 
 def test_agreeing_draft_accepts_every_drafted_token():
-    target = build_target(num_hidden_layers=1)
-    with torch.no_grad():  # the target becomes a bigram model: its next token depends on the current token only
-        target.model.layers[0].self_attn.o_proj.weight.zero_()
-        target.model.layers[0].mlp.down_proj.weight.zero_()
-    draft = build_draft(target, sliding_window=4)
-    with torch.no_grad():
-        for module in (draft.model.layer.self_attn.o_proj, draft.model.layer.cross_attn.o_proj,
-                       draft.model.layer.mlp.down_proj):
-            module.weight.zero_()
-        draft.model.norm.weight.copy_(target.model.norm.weight)
+    target, draft = build_agreeing_pair()
     prompt = random_ids(1, 6)
     out = draft.generate(prompt, max_new_tokens=31, do_sample=False, eos_token_id=None,
                          return_dict_in_generate=True, num_draft_tokens=5)

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from tiny_tokenizer import build_byte_tokenizer
+from tiny_training import DATA_FILE, draft_weights
 from transformers import TrainingArguments
 
 from glide_hf import GlideForCausalLM, TargetMismatchError
@@ -25,19 +24,10 @@ from glide_hf.trainer import (
     train_glide,
 )
 
-DATA_FILE = Path(__file__).parent / "data" / "tiny_text.jsonl"  # 40 lines of 52 to 108 characters
 EXAMPLE_CONFIGS = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
 MAX_LENGTH = 48
 RESUME_STEPS = 6
 CHECKPOINT_STEP = 3
-
-
-@pytest.fixture(scope="module")
-def target_dir(tiny_llama_path, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("target_with_tokenizer") / "target"
-    shutil.copytree(tiny_llama_path, path)
-    build_byte_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def cli_flags(target_dir: str, output_dir: Path, *extra: str) -> list[str]:
@@ -64,11 +54,6 @@ def arguments(target_dir: str, output_dir: Path, *extra: str) -> tuple[GlideTrai
 def logged_losses(output_dir: Path) -> list[float]:
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return [entry["loss"] for entry in history if "loss" in entry]
-
-
-def draft_weights(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(path / "model.safetensors", framework="pt") as weights:
-        return {key: weights.get_tensor(key) for key in weights.keys()}
 
 
 # --- the command end to end ------------------------------------------------------------------------------------------

@@ -60,10 +60,10 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
 )
 
+from glide_hf import demo
 from glide_hf.bench import (
     METHODS,
     DecodingSettings,
@@ -73,10 +73,10 @@ from glide_hf.bench import (
     format_table,
     plot_summaries,
 )
+from glide_hf.demo import BudgetCallback, TrainingBudget
 from glide_hf.loss import resolve_loss_implementation
 from glide_hf.trainer import GlideTrainingArguments, build_glide_trainer
 
-END_OF_TEXT = "<|endoftext|>"
 # Standard-library folders left out: installed packages (read from their own roots) and test suites, which hold
 # deliberately odd files (bad encodings, huge generated data). Our own package is never training text.
 STDLIB_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
@@ -489,27 +489,15 @@ def build_corpus(args: SelfTrainedArguments, report: Report) -> tuple[list[str],
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, max_bytes: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (every byte is a token, so any text round-trips) learned from the first `max_bytes` of
-    `texts`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+    """The demo's byte-level BPE (every byte is a token, so any text round-trips) learned from the first
+    `max_bytes` of `texts`."""
     sample, total = [], 0
     for text in texts:
         sample.append(text)
         total += len(text)
         if total >= max_bytes:
             break
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(sample, trainer=trainer, length=len(sample))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+    return demo.train_tokenizer(sample, vocab_size)
 
 
 def encode_files(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[np.ndarray]:
@@ -530,50 +518,6 @@ def join_stream(arrays: list[np.ndarray], eos_id: int) -> torch.Tensor:
 
 
 # --- 3. target -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TimeBudget:
-    """Stop after `max_steps` or `max_seconds`, whichever comes first; the learning rate follows the larger of the
-    step and the time fraction (warm-up, then cosine to `min_lr_ratio`), so that a run the clock cuts short still
-    ends its decay."""
-
-    max_steps: int
-    max_seconds: float
-    warmup_steps: int
-    min_lr_ratio: float
-    start_time: float | None = None
-
-    def start(self) -> None:
-        self.start_time = time.monotonic()
-
-    def elapsed(self) -> float:
-        return 0.0 if self.start_time is None else time.monotonic() - self.start_time
-
-    def progress(self, step: int) -> float:
-        return min(1.0, max(step / self.max_steps, self.elapsed() / self.max_seconds))
-
-    def exhausted(self, step: int) -> bool:
-        return self.progress(step) >= 1.0
-
-    def lr_factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
-
-
-class BudgetCallback(TrainerCallback):
-    """Lets `Trainer` stop on a `TimeBudget`."""
-
-    def __init__(self, budget: TimeBudget) -> None:
-        self.budget = budget
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.budget.start()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.budget.exhausted(state.global_step):
-            control.should_training_stop = True
 
 
 def build_target(args: SelfTrainedArguments, vocab_size: int, eos_id: int):
@@ -612,7 +556,7 @@ def train_target(model, stream: torch.Tensor, args: SelfTrainedArguments, device
         betas=ADAM_BETAS,
         fused=device.type == "cuda",
     )
-    budget = TimeBudget(args.target_max_steps, args.target_seconds, args.target_warmup_steps, args.min_lr_ratio)
+    budget = TrainingBudget(args.target_max_steps, args.target_seconds, args.target_warmup_steps, args.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.lr_factor)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     order, cursor, epochs = torch.randperm(num_rows, device=device, generator=generator), 0, 0
@@ -765,9 +709,9 @@ def draft_training_arguments(args: SelfTrainedArguments, output_dir: Path, devic
     )
 
 
-def install_budget(trainer: Trainer, args: SelfTrainedArguments, device: torch.device) -> TimeBudget:
+def install_budget(trainer: Trainer, args: SelfTrainedArguments, device: torch.device) -> TrainingBudget:
     """AdamW over the trainable parameters with the time-budget schedule, and the callback that stops training."""
-    budget = TimeBudget(args.draft_max_steps, args.draft_seconds, args.draft_warmup_steps, args.min_lr_ratio)
+    budget = TrainingBudget(args.draft_max_steps, args.draft_seconds, args.draft_warmup_steps, args.min_lr_ratio)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     trainer.optimizer = torch.optim.AdamW(
         trainable, lr=args.draft_lr, weight_decay=DRAFT_WEIGHT_DECAY, betas=ADAM_BETAS, fused=device.type == "cuda"
@@ -777,7 +721,7 @@ def install_budget(trainer: Trainer, args: SelfTrainedArguments, device: torch.d
     return budget
 
 
-def training_summary(trainer: Trainer, budget: TimeBudget, args: SelfTrainedArguments) -> dict:
+def training_summary(trainer: Trainer, budget: TrainingBudget, args: SelfTrainedArguments) -> dict:
     curve = [(entry["step"], round(entry["loss"], 4)) for entry in trainer.state.log_history if "loss" in entry]
     steps = trainer.state.global_step
     eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None

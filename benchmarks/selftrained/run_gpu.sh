@@ -4,9 +4,7 @@
 #   bash benchmarks/selftrained/run_gpu.sh [run.py flags]          (device tool: carry [".whl"])
 # Results (results.json, results.md, results.png, run.log, stdout.log) go to $OUT; models and data to /tmp/selftrained.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source benchmarks/_gpu_env.sh
+export HF_DATASETS_OFFLINE=1
+print_gpus
 python3 benchmarks/selftrained/run.py --out "$OUT" --work-dir /tmp/selftrained "$@" 2>&1 | tee "$OUT/stdout.log"

@@ -48,6 +48,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 from transformers.utils import logging
 
+from .cli import cli_logging
 from .configuration_glide import GlideConfig
 from .errors import DataFormatError, DataNotFoundError, EmptyDatasetError, GlideConfigError
 from .modeling_glide import GlideForCausalLM
@@ -83,7 +84,6 @@ MIN_LOOP_CHECK_TOKENS = 16
 WARMUP_NEW_TOKENS = 16
 # Greedy mismatches whose target logit gap is measured (one target forward each).
 MAX_DIAGNOSED_MISMATCHES = 20
-PACKAGE_LOGGER_NAME = "glide_hf"
 
 
 # --- models --------------------------------------------------------------------------------------------------------
@@ -1028,25 +1028,6 @@ def parse_bench_args(argv: list[str], prog: str = "glide-hf bench") -> BenchArgu
     return args
 
 
-@contextmanager
-def _cli_logging() -> Iterator[None]:
-    """Show glide_hf's info logs on stderr while the command runs, then restore its logger."""
-    import logging as pylogging
-    import sys
-
-    package_logger = pylogging.getLogger(PACKAGE_LOGGER_NAME)
-    handler = pylogging.StreamHandler(sys.stderr)
-    handler.setFormatter(pylogging.Formatter("[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"))
-    previous = package_logger.level
-    package_logger.addHandler(handler)
-    package_logger.setLevel(pylogging.INFO)
-    try:
-        yield
-    finally:
-        package_logger.removeHandler(handler)
-        package_logger.setLevel(previous)
-
-
 def run_cli(argv: list[str], prog: str) -> int:
     """`glide-hf bench`: load the prompts and models, evaluate every method, print the table (and write the JSON
     and plot when asked). Returns 1 when a method failed; greedy mismatches are reported in the notes (in bfloat16
@@ -1069,7 +1050,7 @@ def run_cli(argv: list[str], prog: str) -> int:
         prompt_lookup_tokens=args.prompt_lookup_tokens,
         seed=args.seed,
     )
-    with _cli_logging():
+    with cli_logging():
         result = evaluate(
             spec, prompts, args.methods, settings, workers=args.workers, timing_prompts=args.timing_prompts
         )

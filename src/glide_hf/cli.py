@@ -2,14 +2,19 @@
 
 Each subcommand's module exposes `run_cli(argv: list[str], prog: str) -> int`, parses its own flags and imports its
 heavy dependencies itself, so `glide-hf --help` stays fast. A `GlideError` is printed as one line and exits 1;
-other errors keep their traceback.
+other errors keep their traceback. `cli_logging` is the one way a subcommand shows glide_hf's logs while it runs.
 """
 
 import argparse
 import importlib
+import logging as pylogging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .errors import GlideError
+
+PACKAGE_LOGGER_NAME = "glide_hf"
 
 # subcommand -> (module that runs it, one-line help)
 COMMANDS = {
@@ -18,6 +23,30 @@ COMMANDS = {
     "convert-longspec": ("glide_hf.convert", "convert a LongSpec draft checkpoint to a glide-hf draft"),
     "bench": ("glide_hf.bench", "measure acceptance and speed of a (target, draft) pair on a prompts file"),
 }
+
+
+@contextmanager
+def cli_logging(level: int = pylogging.INFO) -> Iterator[None]:
+    """Show glide_hf's logs on stderr at `level` while a command runs, then restore the package logger as it was.
+
+    Only the `glide_hf` logger changes: Transformers and other libraries keep their own verbosity.
+
+    Args:
+        level (`int`, *optional*, defaults to `logging.INFO`):
+            Level of the `glide_hf` logger for the duration (`glide-hf train` passes the Trainer's level of this
+            process).
+    """
+    package_logger = pylogging.getLogger(PACKAGE_LOGGER_NAME)
+    handler = pylogging.StreamHandler(sys.stderr)
+    handler.setFormatter(pylogging.Formatter("[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"))
+    previous = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(level)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except GlideError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
+
+
+__all__ = ["cli_logging", "main"]
 
 
 if __name__ == "__main__":

@@ -134,13 +134,15 @@ def _classify(path: str) -> DataSource:
     return DataSource(os.path.abspath(path), kind, f"{stat.st_size}:{stat.st_mtime_ns}")
 
 
-class _BadRecord(Exception):
-    """Internal: a record that cannot be used, with the reason; turned into `DataFormatError` with its location."""
+class BadRecord(Exception):
+    """A record that cannot be used, with the reason: yielded by `iter_jsonl` for a line that does not parse, raised
+    by the record checks, and turned by the caller into `DataFormatError` with its location, or skipped. It never
+    leaves glide_hf."""
 
 
 def _iter_raw(source: DataSource) -> Iterator[tuple[str, Any]]:
     """`(where, record)` pairs of one source (`where` is "line 3", "row 3" or "record 3"); a record that is not
-    valid JSON comes as a `_BadRecord`."""
+    valid JSON comes as a `BadRecord`."""
     if source.kind == "jsonl":
         yield from _iter_jsonl(source.path)
     elif source.kind == "json":
@@ -165,21 +167,36 @@ def _iter_raw(source: DataSource) -> Iterator[tuple[str, Any]]:
 _KNOWN_FIELDS = {"messages", "text", "source", "target"}
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+    """Read a JSON Lines file record by record, going on past bad lines (`load_records` and `distill_data` read
+    JSONL with it).
+
+    Args:
+        path (`str`):
+            The file. Blank lines are passed over.
+
+    Returns:
+        `Iterator[tuple[int, Any]]`: `(line_number, record)` for each other line, numbered from 1; a line that is not
+        UTF-8 text or not valid JSON comes as a `BadRecord` with the reason, for the caller to raise or skip.
+    """
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
-            location = f"line {line_number}"
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as error:
-                yield location, _BadRecord(f"not UTF-8 text ({error.reason} at byte {error.start})")
+                yield line_number, BadRecord(f"not UTF-8 text ({error.reason} at byte {error.start})")
                 continue
             if not line:
                 continue
             try:
-                yield location, json.loads(line)
+                yield line_number, json.loads(line)
             except json.JSONDecodeError as error:
-                yield location, _BadRecord(f"not valid JSON ({error.msg} at column {error.colno})")
+                yield line_number, BadRecord(f"not valid JSON ({error.msg} at column {error.colno})")
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    for line_number, record in iter_jsonl(path):
+        yield f"line {line_number}", record
 
 
 def _iter_json(path: str) -> Iterator[tuple[str, Any]]:
@@ -234,9 +251,9 @@ def detect_format(record: dict) -> str | None:
 
 
 def _normalize(record: Any, data_format: str) -> dict:
-    """The record reduced to the fields of `data_format`, or `_BadRecord` with the reason."""
+    """The record reduced to the fields of `data_format`, or `BadRecord` with the reason."""
     if not isinstance(record, dict):
-        raise _BadRecord(f"expected a JSON object, found {type(record).__name__}")
+        raise BadRecord(f"expected a JSON object, found {type(record).__name__}")
     if data_format == "text":
         return {"text": _string_field(record, "text")}
     if data_format == "source_target":
@@ -247,14 +264,14 @@ def _normalize(record: Any, data_format: str) -> dict:
         }
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _BadRecord("`messages` must be a non-empty list of {role, content} objects")
+        raise BadRecord("`messages` must be a non-empty list of {role, content} objects")
     normalized = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise _BadRecord(f"`messages[{index}]` is a {type(message).__name__}, expected an object")
+            raise BadRecord(f"`messages[{index}]` is a {type(message).__name__}, expected an object")
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
-            raise _BadRecord(f"`messages[{index}]` needs string `role` and `content` fields")
+            raise BadRecord(f"`messages[{index}]` needs string `role` and `content` fields")
         normalized.append({"role": role, "content": content})
     return {"messages": normalized}
 
@@ -263,7 +280,7 @@ def _string_field(record: dict, name: str) -> str:
     value = record.get(name)
     if not isinstance(value, str):
         found = "no such field" if value is None else f"a {type(value).__name__}"
-        raise _BadRecord(f"`{name}` must be a string, found {found}")
+        raise BadRecord(f"`{name}` must be a string, found {found}")
     return value
 
 
@@ -289,10 +306,10 @@ def _generate_records(sources: tuple[DataSource, ...], data_format: str, skip_ba
         skipped = []
         for where, record in _iter_raw(source):
             try:
-                if isinstance(record, _BadRecord):
+                if isinstance(record, BadRecord):
                     raise record
                 normalized = _normalize(record, data_format)
-            except _BadRecord as reason:
+            except BadRecord as reason:
                 if not skip_bad_lines:
                     raise DataFormatError(
                         f"{_location(source.path, where)}: {reason} (data format `{data_format}`). Fix the record, "
@@ -839,9 +856,11 @@ __all__ = [
     "DataSource",
     "GlideDataCollator",
     "PreparedData",
+    "BadRecord",
     "TokenizationStats",
     "check_chat_template",
     "detect_format",
+    "iter_jsonl",
     "load_records",
     "pack_rows",
     "prepare_data",

@@ -215,7 +215,7 @@ class TrainingBudget:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
 
 
-class _BudgetCallback(TrainerCallback):
+class BudgetCallback(TrainerCallback):
     """Lets `Trainer` stop on a `TrainingBudget` (its `max_steps` alone cannot bound the time)."""
 
     def __init__(self, budget: TrainingBudget):
@@ -273,7 +273,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
 
 
@@ -433,7 +433,7 @@ def train_draft(
         train_dataset=dataset,
         data_collator=collator,
         optimizers=(optimizer, scheduler),
-        callbacks=[_BudgetCallback(budget)],
+        callbacks=[BudgetCallback(budget)],
     )
     trainer.train()
     draft.eval()
@@ -697,7 +697,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["DemoArguments", "DemoResults", "DraftBatchCollator", "TrainingBudget", "main", "parse_args", "run_demo"]
+__all__ = [
+    "BudgetCallback",
+    "DemoArguments",
+    "DemoResults",
+    "DraftBatchCollator",
+    "TrainingBudget",
+    "main",
+    "parse_args",
+    "run_demo",
+    "train_tokenizer",
+]
 
 
 if __name__ == "__main__":

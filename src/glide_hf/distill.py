@@ -32,11 +32,8 @@ training on the output (`data.py`, `trainer.py`), subcommand dispatch (`cli.py`)
 """
 
 import json
-import logging as pylogging
 import os
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,7 +41,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 from transformers.utils import logging
 
-from .data import DataSource, check_chat_template, resolve_sources
+from .cli import cli_logging
+from .data import BadRecord, DataSource, check_chat_template, iter_jsonl, resolve_sources
 from .errors import DataFormatError, EmptyDatasetError, GlideConfigError, ResumeMismatchError, TargetNotFoundError
 
 logger = logging.get_logger(__name__)
@@ -52,7 +50,6 @@ logger = logging.get_logger(__name__)
 DistillFormat = Literal["auto", "text", "chat", "source_target"]
 DISTILL_FORMATS = ("text", "chat", "source_target")
 TARGET_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-PACKAGE_LOGGER_NAME = "glide_hf"
 PARQUET_BATCH_ROWS = 1024
 # Bad records named in the skipped-records warning; the count covers all.
 MAX_REPORTED_BAD_RECORDS = 5
@@ -61,13 +58,9 @@ MAX_REPORTED_BAD_RECORDS = 5
 # --- reading prompts -------------------------------------------------------------------------------------------------
 
 
-class _BadRecord(Exception):
-    """Internal: why a record cannot be used; turned into `DataFormatError` with its location, or skipped."""
-
-
 def _iter_raw(source: DataSource) -> Iterator[tuple[str, Any]]:
     """`(location, record)` of every record of `source`, in order; `location` is `path:line` for JSONL, else
-    `path, record i` / `path, row i`. A line that is not valid JSON comes as a `_BadRecord`."""
+    `path, record i` / `path, row i`. A line that is not valid JSON comes as a `BadRecord`."""
     if source.kind == "jsonl":
         yield from _iter_jsonl(source.path)
     elif source.kind == "json":
@@ -110,20 +103,8 @@ def _iter_raw(source: DataSource) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            location = f"{path}:{line_number}"
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as error:
-                yield location, _BadRecord(f"not UTF-8 text ({error.reason} at byte {error.start})")
-                continue
-            if not line:
-                continue
-            try:
-                yield location, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield location, _BadRecord(f"not valid JSON ({error.msg} at column {error.colno})")
+    for line_number, record in iter_jsonl(path):
+        yield f"{path}:{line_number}", record
 
 
 def _detect_format(record: dict, prompt_field: str) -> str | None:
@@ -139,26 +120,26 @@ def _detect_format(record: dict, prompt_field: str) -> str | None:
 
 
 def _check_record(record: Any, data_format: str, prompt_field: str) -> None:
-    """Raise `_BadRecord` unless `record` holds a prompt of `data_format`."""
+    """Raise `BadRecord` unless `record` holds a prompt of `data_format`."""
     if not isinstance(record, dict):
-        raise _BadRecord(f"expected a JSON object, found {type(record).__name__}")
+        raise BadRecord(f"expected a JSON object, found {type(record).__name__}")
     if data_format == "chat":
         messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _BadRecord("`messages` must be a non-empty list of {role, content} objects")
+            raise BadRecord("`messages` must be a non-empty list of {role, content} objects")
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
                 message.get("content"), str
             ):
-                raise _BadRecord(f"`messages[{index}]` needs string `role` and `content` fields")
+                raise BadRecord(f"`messages[{index}]` needs string `role` and `content` fields")
         if not _prompt_messages(messages):
-            raise _BadRecord("the conversation has no turn before its assistant reply, so there is no prompt")
+            raise BadRecord("the conversation has no turn before its assistant reply, so there is no prompt")
         return
     name = "text" if data_format == "text" else prompt_field
     value = record.get(name)
     if not isinstance(value, str) or not value:
         found = "no such field" if value is None else ("an empty string" if value == "" else type(value).__name__)
-        raise _BadRecord(f"`{name}` must be a non-empty string, found {found}")
+        raise BadRecord(f"`{name}` must be a non-empty string, found {found}")
 
 
 def _prompt_messages(messages: list[dict]) -> list[dict]:
@@ -180,10 +161,10 @@ class _Reader:
         for source in self.sources:
             for location, record in _iter_raw(source):
                 try:
-                    if isinstance(record, _BadRecord):
+                    if isinstance(record, BadRecord):
                         raise record
                     _check_record(record, self.data_format, self.prompt_field)
-                except _BadRecord as reason:
+                except BadRecord as reason:
                     if not self.skip_bad_lines:
                         raise DataFormatError(
                             f"{location}: {reason} (data format `{self.data_format}`). Fix the record, or set "
@@ -707,27 +688,11 @@ def parse_distill_args(argv: list[str], prog: str = "glide-hf distill-data") -> 
     return args
 
 
-@contextmanager
-def _cli_logging() -> Iterator[None]:
-    """Show glide_hf's info messages (counts, resume) on stderr for the duration of the command."""
-    package_logger = pylogging.getLogger(PACKAGE_LOGGER_NAME)
-    handler = pylogging.StreamHandler(sys.stderr)
-    handler.setFormatter(pylogging.Formatter("[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"))
-    previous = package_logger.level
-    package_logger.addHandler(handler)
-    package_logger.setLevel(pylogging.INFO)
-    try:
-        yield
-    finally:
-        package_logger.removeHandler(handler)
-        package_logger.setLevel(previous)
-
-
 def run_cli(argv: list[str], prog: str) -> int:
     """`glide-hf distill-data`: parse the flags, run `distill_data`, print a one-line summary."""
     args = parse_distill_args(argv, prog)
     target_kwargs = {} if args.target_dtype == "auto" else {"dtype": TARGET_DTYPES[args.target_dtype]}
-    with _cli_logging():
+    with cli_logging():
         stats = distill_data(
             args.target,
             args.data,

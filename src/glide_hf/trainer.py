@@ -22,9 +22,6 @@ import json
 import logging as pylogging
 import os
 import shutil
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,6 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from .bench import count_forward_calls
+from .cli import cli_logging
 from .data import AnchorOffset, GlideDataCollator, PreparedData, prepare_data
 from .errors import GlideConfigError, TargetMismatchError, TargetNotFoundError
 from .model_card import write_model_card
@@ -52,7 +50,6 @@ from .modeling_glide import GlideForCausalLM
 
 logger = logging.get_logger(__name__)
 
-PACKAGE_LOGGER_NAME = "glide_hf"
 TARGET_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Draft config fields settable from the command line. Architecture fields shape what the weights compute, so a
 # continued draft (`init_draft`) must keep its own; training fields may change between stages.
@@ -715,24 +712,13 @@ def resolved_config(glide_args: GlideTrainingArguments, training_args: TrainingA
     }
 
 
-@contextmanager
-def _cli_logging(training_args: TrainingArguments) -> Iterator[None]:
-    """Show glide_hf's logs on stderr at the Trainer's level for this process (info on the main process, warnings
-    on the others unless `log_level_replica` says otherwise), then restore the logger."""
-    package_logger = pylogging.getLogger(PACKAGE_LOGGER_NAME)
-    handler = pylogging.StreamHandler(sys.stderr)
-    handler.setFormatter(pylogging.Formatter("[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"))
+def _process_log_level(training_args: TrainingArguments) -> int:
+    """The level of glide_hf's logs for this process: the Trainer's (info on the main process, warnings on the
+    others unless `log_level_replica` says otherwise)."""
     level = training_args.get_process_log_level()
     if training_args.should_log and training_args.log_level == "passive":
         level = pylogging.INFO  # lifecycle messages (data counts, resume, save) on the main process
-    previous = package_logger.level
-    package_logger.addHandler(handler)
-    package_logger.setLevel(level)
-    try:
-        yield
-    finally:
-        package_logger.removeHandler(handler)
-        package_logger.setLevel(previous)
+    return level
 
 
 def run_cli(argv: list[str], prog: str) -> int:
@@ -741,13 +727,19 @@ def run_cli(argv: list[str], prog: str) -> int:
     if cli_args.dry_run:
         print(json.dumps(resolved_config(glide_args, training_args), indent=2))
         return 0
-    with _cli_logging(training_args):
-        train_glide(glide_args, training_args)
-    if cli_args.output_json and training_args.should_save:
-        with open(os.path.join(training_args.output_dir, "all_results.json"), encoding="utf-8") as handle:
-            metrics = json.load(handle)
-        with open(cli_args.output_json, "w", encoding="utf-8") as handle:
-            json.dump({"output_dir": training_args.output_dir, "metrics": metrics}, handle, indent=2)
+    try:
+        with cli_logging(_process_log_level(training_args)):
+            train_glide(glide_args, training_args)
+        if cli_args.output_json and training_args.should_save:
+            with open(os.path.join(training_args.output_dir, "all_results.json"), encoding="utf-8") as handle:
+                metrics = json.load(handle)
+            with open(cli_args.output_json, "w", encoding="utf-8") as handle:
+                json.dump({"output_dir": training_args.output_dir, "metrics": metrics}, handle, indent=2)
+    finally:
+        # Under `accelerate launch` the process group outlives Trainer; left to interpreter shutdown, gloo's
+        # teardown sometimes aborts the process ("terminate called without an active exception").
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
