@@ -8,7 +8,15 @@ import torch
 from tiny_tokenizer import build_byte_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from glide_hf.bench import METHODS, is_looping, load_prompts
+from glide_hf.bench import (
+    METHODS,
+    DecodingSettings,
+    ModelSpec,
+    evaluate,
+    format_notes,
+    is_looping,
+    load_prompts,
+)
 from glide_hf.cli import main
 from glide_hf.errors import DataFormatError
 
@@ -151,6 +159,29 @@ def test_bench_worker_processes_give_the_outputs_of_one_process(bench_paths):
     assert shared["workers"] == 1
     assert shared["calls"] == alone["calls"]
     assert {row["timed_prompts"] for row in shared["summaries"]} == {1}
+
+
+def test_batched_engine_pass_gives_the_outputs_and_tau_of_batch_one_calls(bench_paths):
+    # Prompts of different lengths, so that the batch is left-padded.
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 500, (length,), generator=generator).tolist() for length in (10, 4, 7)]
+    spec = ModelSpec(target=bench_paths["target"], draft=bench_paths["draft"], dtype="float32", device="cpu")
+    methods = ["vanilla", "engine_chain", "engine_tree", "engine_cape"]
+    settings = DecodingSettings(max_new_tokens=NEW_TOKENS, temperatures=(0.0,))
+    alone = evaluate(spec, prompts, methods, settings)
+    batched = evaluate(spec, prompts, methods, settings, batch_size=2, timing_prompts=1)
+    assert batched.batch_size == 2 and alone.batch_size == 1
+
+    def calls(result):
+        return {(r.method, r.prompt_index): (r.tokens, r.target_forwards) for r in result.records}
+
+    assert calls(batched) == calls(alone)
+    for summary in batched.summaries:
+        assert summary.tau == alone.summary(summary.method, 0.0).tau
+        assert summary.greedy_identical in (None, len(prompts))
+        assert summary.timed_prompts == 1  # speed from the timing pass at batch 1
+    (note,) = [line for line in format_notes(batched).splitlines() if "left-padded batches of up to 2" in line]
+    assert "`engine_tree` greedy" in note and "`vanilla`" not in note  # vanilla greedy, the reference, at batch 1
 
 
 def test_load_prompts_reads_every_jsonl_form(tmp_path):

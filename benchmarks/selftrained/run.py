@@ -17,7 +17,9 @@ Phases (each budgeted by its flags and timed; `--tiny` runs the same code on the
    draft's trainable parameter count, trained by a stock `Trainer` on the same rows for the same time.
 7. evaluation: `glide_hf.bench.evaluate` on held-out prompts, greedy and at temperature 0.7: vanilla generate,
    stock assisted decoding with each draft, prompt lookup, and the engine (chain, tree, CAPE); the target in fp32
-   by default (`--eval-dtype`), so that greedy outputs must agree exactly.
+   by default (`--eval-dtype`), so that greedy outputs must agree exactly. The engine and sampled vanilla run their
+   tau pass in left-padded batches (`--eval-batch-size`); the stock paths and vanilla greedy at batch 1; speed is
+   timed at batch 1.
 
 Written to `--out`: `results.json` (everything, updated after each phase), `results.md` (the table and notes),
 `results.png` (tau and speedup per method), `run.log` (what was printed); models, tokenizer and data go to
@@ -152,7 +154,7 @@ class SelfTrainedArguments:
     target_lr: float = field(default=1.5e-3, metadata={"help": "Peak AdamW learning rate of the target."})
     target_weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)."})
     target_warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
-    target_seconds: float = field(default=100.0, metadata={"help": "Target training time budget."})
+    target_seconds: float = field(default=60.0, metadata={"help": "Target training time budget."})
     target_max_steps: int = field(default=1_000_000, metadata={"help": "Target training step budget."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Final learning rate over the peak (target, drafts)."})
     log_every: int = field(default=25, metadata={"help": "Target steps between loss readings (host syncs)."})
@@ -162,7 +164,7 @@ class SelfTrainedArguments:
         default="distill",
         metadata={"help": "Draft training text: the target's own continuations of training windows, or the corpus."},
     )
-    distill_seconds: float = field(default=20.0, metadata={"help": "Time budget of the self-distillation batches."})
+    distill_seconds: float = field(default=15.0, metadata={"help": "Time budget of the self-distillation batches."})
     distill_max_batches: int = field(default=1000, metadata={"help": "Most self-distillation batches."})
     distill_batch_size: int = field(default=4096, metadata={"help": "Prompts generated in one batch."})
     distill_min_prompt_tokens: int = field(default=32, metadata={"help": "Shortest distillation prompt."})
@@ -184,7 +186,7 @@ class SelfTrainedArguments:
     draft_batch_size: int = field(default=64, metadata={"help": "Rows of `seq_len` per draft step (both drafts)."})
     draft_lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (both drafts)."})
     draft_warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps (both drafts)."})
-    draft_seconds: float = field(default=35.0, metadata={"help": "Training time of each draft."})
+    draft_seconds: float = field(default=20.0, metadata={"help": "Training time of each draft."})
     draft_max_steps: int = field(default=1_000_000, metadata={"help": "Training steps of each draft, at most."})
     draft_eval_fraction: float = field(default=0.01, metadata={"help": "Draft rows held out for the draft losses."})
     draft_logging_steps: int = field(default=25, metadata={"help": "Trainer logs the loss every n steps."})
@@ -211,8 +213,19 @@ class SelfTrainedArguments:
         default=14,
         metadata={"help": "Processes sharing the GPU for tau and exactness (0: one process, every call timed)."},
     )
-    timing_prompts: int = field(default=3, metadata={"help": "With workers: prompts timed alone per method."})
-    timing_seconds: float = field(default=40.0, metadata={"help": "With workers: time kept for the timing pass."})
+    eval_batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Prompts per call of the engine and of sampled vanilla in the tau pass (left-padded batches; "
+            "1: every call at batch 1). Speed is always timed at batch 1."
+        },
+    )
+    timing_prompts: int = field(
+        default=1, metadata={"help": "With workers or batches: prompts timed alone per method, at batch 1."}
+    )
+    timing_seconds: float = field(
+        default=30.0, metadata={"help": "With workers or batches: time kept for the timing pass."}
+    )
 
     def check(self) -> None:
         """Raise `ValueError` naming the flags that contradict each other."""
@@ -222,6 +235,8 @@ class SelfTrainedArguments:
             raise ValueError("`max_draft_lag` must be at least `num_draft_tokens` (the deepest chain step's lag).")
         if self.distill_min_prompt_tokens > self.distill_max_prompt_tokens:
             raise ValueError("`distill_min_prompt_tokens` must not exceed `distill_max_prompt_tokens`.")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"`eval_batch_size` must be at least 1, got {self.eval_batch_size}.")
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"Unknown `methods` {unknown}; choose from {list(METHODS)}.")
@@ -1003,7 +1018,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Leave two cores to this process and the system: the workers are CPU-bound (eager decoding overhead).
         workers = min(args.eval_workers, max(1, (os.cpu_count() or 2) - 2)) if args.eval_workers > 0 else 0
-        report.say(f"evaluation: {len(prompts)} prompts, {workers} worker processes")
+        report.say(
+            f"evaluation: {len(prompts)} prompts, {workers} worker processes, batches of {args.eval_batch_size}"
+        )
         result = evaluate(
             spec,
             prompts,
@@ -1013,6 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
             timing_prompts=args.timing_prompts,
             deadline=start + args.deadline_seconds,
             timing_seconds=args.timing_seconds,
+            batch_size=args.eval_batch_size,
         )
         report.data["evaluation"] = result.to_dict()
         if result.prompt_indices:  # a sample: the first complete prompt and vanilla's continuations

@@ -1,6 +1,6 @@
 """`glide-hf bench`: acceptance and speed of every speculative decoding method for a (target, draft) pair.
 
-Methods, each one generation call per prompt at batch size 1:
+Methods, each one generation call per prompt at batch size 1 (see `batch_size` below for the exceptions):
 
 | name                   | call                                                                            |
 | ---------------------- | ------------------------------------------------------------------------------- |
@@ -25,6 +25,19 @@ With `workers > 0`, the calls are spread over worker processes that share the de
 the models (`ModelSpec` says how to load them): tau, outputs and loops come from that pass, and speed from a second
 pass in this process alone on the first `timing_prompts` prompts, because calls that share a device slow each other
 down. Both passes stop at `deadline`; only prompts that every method finished are reported.
+
+With `batch_size > 1`, the tau pass runs the engine methods and sampled vanilla on groups of `batch_size` prompts,
+left-padded into one call (`BatchJob`, `generate_batch_continuations`); speed then always comes from the timing pass
+at batch 1. What is measured stays per prompt: a row's tokens are its own, its target forwards are those a batch-1
+call would count (the engine: the prefill and the rounds the row took part in; vanilla: one per new token). The
+engine computes each row at its own positions (it moves padding behind the prompt), and on the tiny fp32 CPU models
+of the tests its rows equal batch-1 calls exactly (`tests/test_bench.py`). Vanilla greedy, the reference of the
+exactness check, stays at batch 1 on purpose: a padded batch runs other matmul shapes, so it may break a
+floating-point tie differently from what a user's batch-1 `generate` returns, and a reference must not carry that
+doubt; it is also cheap (one target forward per token, no draft: ~1.7 s per 256-token call on an H200 for the
+32M-parameter self-trained target, against 3-5 s for a stock assisted call). At a temperature above 0 each row is
+an independent sample, seeded per batch instead of per prompt. The stock assisted paths and prompt lookup always run
+at batch 1: Transformers' assisted decoding accepts no larger batch.
 
 `benchmarks/selftrained/run.py` runs `evaluate` on its self-trained models; `run_cli` is the command. What this file
 leaves to others: decoding itself (`engine.py`, Transformers' `generate`), the models (`modeling_glide.py`).
@@ -266,6 +279,76 @@ def generate_continuation(
     return sequences[0, input_ids.shape[1] :].tolist(), counter.count
 
 
+# Methods whose tau pass can run prompts in left-padded batches (`batch_size > 1`): plain decoding and the engine.
+# The stock assisted paths cannot (Transformers' assisted decoding takes batch size 1 only).
+BATCHABLE_METHODS: tuple[str, ...] = ("vanilla", *ENGINE_STRATEGIES)
+
+
+def runs_batched(method: str, temperature: float) -> bool:
+    """Whether `method` at `temperature` runs in batches when `batch_size > 1`. Vanilla greedy stays at batch 1: it
+    is the reference of the exactness check, and a padded batch can break a floating-point tie differently."""
+    return method in BATCHABLE_METHODS and not (method == "vanilla" and temperature == 0)
+
+
+def _eos_token_ids(model: PreTrainedModel) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def generate_batch_continuations(
+    models: BenchModels,
+    method: str,
+    prompts: Sequence[Sequence[int]],
+    temperature: float,
+    settings: DecodingSettings,
+) -> list[tuple[list[int], int]]:
+    """One call of `method` (one of `BATCHABLE_METHODS`) on several prompts, left-padded into one batch: per prompt,
+    the new tokens and the target forward passes that a batch-1 call would have counted.
+
+    - engine: row b took part in the prefill and in the rounds where `accepted_per_round[:, b] >= 0` (-1 once it had
+      finished), so its count is those rounds + 1; its tokens are its first `new_tokens[b]` after the prompt width.
+    - vanilla: plain decoding runs one target forward per new token, so a row's count is its new tokens; a row
+      ends at its first end-of-sequence token (kept, as a batch-1 call keeps it), padding follows.
+    """
+    if method not in BATCHABLE_METHODS:
+        raise GlideConfigError(f"Method {method!r} cannot run batched; those that can: {sorted(BATCHABLE_METHODS)}.")
+    width = max(len(prompt) for prompt in prompts)
+    # The padding id is masked out (the engine moves padding behind each prompt, `generate` masks it): any id works.
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long, device=models.device)  # [B, L]
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    sampling = sampling_kwargs(temperature)
+    if method in ENGINE_STRATEGIES:
+        strategy = ENGINE_STRATEGIES[method]
+        output = models.draft.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            draft_strategy=strategy,
+            num_draft_tokens=settings.num_draft_tokens,
+            tree_widths=settings.tree_widths if strategy == "tree" else None,
+            max_new_tokens=settings.max_new_tokens,
+            return_dict_in_generate=True,
+            **sampling,
+        )
+        rounds = (output.accepted_per_round >= 0).sum(0).tolist()  # [B]
+        counts = output.new_tokens.tolist()
+        sequences = output.sequences.tolist()
+        return [(sequences[row][width : width + count], rounds[row] + 1) for row, count in enumerate(counts)]
+    sequences = models.target.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens, **sampling
+    )[:, width:].tolist()
+    eos = _eos_token_ids(models.target)
+    results = []
+    for tokens in sequences:
+        end = next((i + 1 for i, token in enumerate(tokens) if token in eos), len(tokens))
+        results.append((tokens[:end], end))
+    return results
+
+
 @dataclass
 class Job:
     """One generation call of the evaluation."""
@@ -290,6 +373,63 @@ class JobRecord:
     @property
     def key(self) -> tuple[str, float]:
         return self.method, self.temperature
+
+
+@dataclass
+class BatchJob:
+    """One batched call of the tau pass: the prompts `prompt_indices` of one method and temperature."""
+
+    method: str
+    temperature: float
+    prompt_indices: list[int]
+    prompts: list[list[int]]
+
+    @property
+    def prompt_index(self) -> int:
+        """The first prompt's index: it seeds the call and names it in errors."""
+        return self.prompt_indices[0]
+
+
+def run_batch_job(models: BenchModels, job: BatchJob, settings: DecodingSettings) -> list[JobRecord]:
+    """Run one batched call, seeded with `settings.seed + job.prompt_index` (at a temperature above 0 each row is
+    an independent sample, not the one a batch-1 call would draw); one record per prompt, each with an equal share
+    of the call's seconds (speed is measured at batch 1, by the timing pass)."""
+    synchronize(models.device)
+    torch.manual_seed(settings.seed + job.prompt_index)
+    start = time.perf_counter()
+    with torch.no_grad():
+        rows = generate_batch_continuations(models, job.method, job.prompts, job.temperature, settings)
+    synchronize(models.device)
+    share = (time.perf_counter() - start) / len(rows)
+    return [
+        JobRecord(job.method, job.temperature, index, tokens, forwards, share)
+        for index, (tokens, forwards) in zip(job.prompt_indices, rows)
+    ]
+
+
+def run_any_job(models: BenchModels, job: Job | BatchJob, settings: DecodingSettings) -> list[JobRecord]:
+    """`run_batch_job` for a `BatchJob`, `run_job` for a `Job`: the records of the call."""
+    if isinstance(job, BatchJob):
+        return run_batch_job(models, job, settings)
+    return [run_job(models, job, settings)]
+
+
+def build_jobs(
+    prompts: Sequence[Sequence[int]], keys: Sequence[tuple[str, float]], batch_size: int = 1
+) -> list[Job | BatchJob]:
+    """The calls of the tau pass, in prompt order: per group of `batch_size` prompts, one `BatchJob` per key that
+    `runs_batched`, then prompt by prompt one `Job` per other key. With `batch_size=1`, one `Job` per call."""
+    jobs: list[Job | BatchJob] = []
+    for start in range(0, len(prompts), batch_size):
+        group = range(start, min(start + batch_size, len(prompts)))
+        batched = [key for key in keys if batch_size > 1 and runs_batched(*key)]
+        single = [key for key in keys if key not in batched]
+        jobs.extend(
+            BatchJob(method, temperature, list(group), [list(prompts[i]) for i in group])
+            for method, temperature in batched
+        )
+        jobs.extend(Job(method, temperature, i, list(prompts[i])) for i in group for method, temperature in single)
+    return jobs
 
 
 def run_job(models: BenchModels, job: Job, settings: DecodingSettings, max_new_tokens: int | None = None) -> JobRecord:
@@ -366,6 +506,7 @@ class BenchResult:
     settings: DecodingSettings
     num_draft_tokens: int | None
     seconds: dict = field(default_factory=dict)
+    batch_size: int = 1
 
     def summary(self, method: str, temperature: float) -> MethodSummary | None:
         return next((s for s in self.summaries if s.method == method and s.temperature == temperature), None)
@@ -403,6 +544,7 @@ class BenchResult:
             "settings": dataclasses.asdict(self.settings),
             "num_draft_tokens": self.num_draft_tokens,
             "seconds": self.seconds,
+            "batch_size": self.batch_size,
         }
 
 
@@ -430,6 +572,7 @@ def evaluate(
     timing_prompts: int | None = None,
     deadline: float | None = None,
     timing_seconds: float = 60.0,
+    batch_size: int = 1,
 ) -> BenchResult:
     """Run every method on every prompt at every temperature; see the module docstring for what is measured.
 
@@ -444,7 +587,10 @@ def evaluate(
             (default 5).
         deadline (`float`, *optional*): a `time.monotonic()` value after which no new prompt is started; the
             parallel pass ends `timing_seconds` before it, to leave time for the timing pass.
-        timing_seconds (`float`): time kept for the timing pass when `workers > 0` and `deadline` is set.
+        timing_seconds (`float`): time kept for the timing pass (`workers > 0` or `batch_size > 1`) when `deadline`
+            is set.
+        batch_size (`int`): above 1, the tau pass runs the methods that `runs_batched` in left-padded batches of up
+            to this many prompts, and speed comes from the timing pass at batch 1 (as with `workers > 0`).
 
     Returns:
         `BenchResult`.
@@ -452,33 +598,33 @@ def evaluate(
     check_methods(methods, spec)
     if not prompts:
         raise EmptyDatasetError("No prompts to evaluate.")
+    if batch_size < 1:
+        raise GlideConfigError(f"`batch_size` must be at least 1, got {batch_size}.")
     temperatures = tuple(settings.temperatures)
     keys = [(method, temperature) for temperature in temperatures for method in methods]
-    jobs = [
-        Job(method, temperature, index, list(prompt))
-        for index, prompt in enumerate(prompts)
-        for method, temperature in keys
-    ]
+    jobs = build_jobs(prompts, keys, batch_size)
     errors: list[dict] = []
     seconds: dict = {}
     start = time.monotonic()
+    pass_deadline = None if deadline is None else deadline - timing_seconds
+    batched = any(isinstance(job, BatchJob) for job in jobs)
     if workers > 0:
-        pass_deadline = None if deadline is None else deadline - timing_seconds
         records = _run_parallel(spec, settings, jobs, workers, pass_deadline, errors)
         seconds["parallel_pass"] = time.monotonic() - start
-        models = load_models(spec)
-        num_draft_tokens = configure_assisted_decoding(models, settings.num_draft_tokens)
+    models = load_models(spec)
+    num_draft_tokens = configure_assisted_decoding(models, settings.num_draft_tokens)
+    if workers == 0:
+        records = _run_sequential(
+            models, settings, prompts, jobs, keys, pass_deadline if batched else deadline, errors
+        )
+        seconds["sequential_pass"] = time.monotonic() - start
+    timed = None  # every call of the complete prompts (below), unless a timing pass follows
+    if workers > 0 or batched:
         timing_start = time.monotonic()
         failed = {(error["method"], error["temperature"]) for error in errors}
         live_keys = [key for key in keys if key not in failed]
         timed = _run_timing_pass(models, settings, prompts, live_keys, timing_prompts or 5, deadline, errors)
         seconds["timing_pass"] = time.monotonic() - timing_start
-    else:
-        models = load_models(spec)
-        num_draft_tokens = configure_assisted_decoding(models, settings.num_draft_tokens)
-        records = _run_sequential(models, settings, jobs, keys, deadline, errors)
-        timed = None  # every call of the complete prompts, below
-        seconds["sequential_pass"] = time.monotonic() - start
 
     failed = {(error["method"], error["temperature"]) for error in errors}
     live_keys = [key for key in keys if key not in failed]
@@ -511,6 +657,7 @@ def evaluate(
         settings=settings,
         num_draft_tokens=num_draft_tokens,
         seconds=seconds,
+        batch_size=batch_size,
     )
 
 
@@ -518,7 +665,7 @@ def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
 
-def _error_entry(job: Job, error: BaseException) -> dict:
+def _error_entry(job: Job | BatchJob, error: BaseException) -> dict:
     return {
         "method": job.method,
         "temperature": job.temperature,
@@ -540,9 +687,10 @@ def _warm_up(models: BenchModels, settings: DecodingSettings, prompt: Sequence[i
     return True
 
 
-def _run_sequential(models, settings, jobs, keys, deadline, errors) -> list[JobRecord]:
-    """Every call in this process, prompt by prompt (all methods of a prompt together), each one timed."""
-    live = {key for key in keys if _warm_up(models, settings, jobs[0].prompt, key, errors)}
+def _run_sequential(models, settings, prompts, jobs, keys, deadline, errors) -> list[JobRecord]:
+    """Every call in this process, in the order of `jobs` (prompt by prompt, all methods of a prompt together),
+    each one timed."""
+    live = {key for key in keys if _warm_up(models, settings, prompts[0], key, errors)}
     records: list[JobRecord] = []
     progress = logging.tqdm(total=len(jobs), desc="bench", unit="call")
     current_prompt = None
@@ -556,7 +704,7 @@ def _run_sequential(models, settings, jobs, keys, deadline, errors) -> list[JobR
         if (job.method, job.temperature) not in live:
             continue
         try:
-            records.append(run_job(models, job, settings))
+            records.extend(run_any_job(models, job, settings))
         except Exception as error:  # one broken method must not stop the others: recorded, logged, reported
             logger.exception(f"`{job.method}` failed on prompt {job.prompt_index}.")
             errors.append(_error_entry(job, error))
@@ -578,8 +726,8 @@ def _init_worker(spec: ModelSpec, settings: DecodingSettings) -> None:
     _WORKER_STATE.update(models=models, settings=settings)
 
 
-def _run_job_in_worker(job: Job) -> JobRecord:
-    return run_job(_WORKER_STATE["models"], job, _WORKER_STATE["settings"])
+def _run_job_in_worker(job: Job | BatchJob) -> list[JobRecord]:
+    return run_any_job(_WORKER_STATE["models"], job, _WORKER_STATE["settings"])
 
 
 def _run_parallel(spec, settings, jobs, workers, deadline, errors) -> list[JobRecord]:
@@ -600,7 +748,7 @@ def _run_parallel(spec, settings, jobs, workers, deadline, errors) -> list[JobRe
                 if future.cancelled():
                     continue
                 try:
-                    records.append(future.result())
+                    records.extend(future.result())
                 except BrokenProcessPool as error:
                     logger.error(f"A worker process died ({error}); stopping the parallel pass.")
                     errors.append(
@@ -771,10 +919,19 @@ def format_notes(result: BenchResult) -> str:
         "- tau: new tokens per target forward pass (prefill included). looping: continuations whose last half "
         "repeats one block of tokens.",
     ]
-    if result.workers > 0:
+    batched = [s for s in result.summaries if result.batch_size > 1 and runs_batched(s.method, s.temperature)]
+    if batched:
+        names = ", ".join(f"`{s.method}` {decoding_name(s.temperature)}" for s in batched)
         lines.append(
-            f"- tau, exactness and looping from {result.workers} worker process(es) sharing the device; tokens/s from "
-            f"{'/'.join(map(str, timed)) or 'no'} prompt(s) per row timed afterwards in one process alone."
+            f"- tau, exactness and looping of {names} from left-padded batches of up to {result.batch_size} prompts; "
+            "every other row one prompt per call (vanilla greedy, the exactness reference, included)."
+        )
+    if result.workers > 0 or batched:
+        where = f"{result.workers} worker process(es) sharing the device" if result.workers > 0 else "one process"
+        lines.append(
+            f"- tau, exactness and looping from {where}; tokens/s from "
+            f"{'/'.join(map(str, timed)) or 'no'} prompt(s) per row timed afterwards at batch size 1 in one process "
+            "alone."
         )
     else:
         lines.append("- tokens/s: every call timed, one process, after one warm-up call per row.")
@@ -986,7 +1143,16 @@ class BenchArguments:
             "then timed alone on `timing_prompts` prompts. 0: everything in this process."
         },
     )
-    timing_prompts: int = field(default=5, metadata={"help": "With `workers`: prompts timed per method."})
+    timing_prompts: int = field(
+        default=5, metadata={"help": "With `workers` or `batch_size` > 1: prompts timed per method, at batch 1."}
+    )
+    batch_size: int = field(
+        default=1,
+        metadata={
+            "help": "Above 1: vanilla (sampled) and the engine run the tau pass in left-padded batches of this many "
+            "prompts, and speed is timed afterwards at batch 1 on `timing_prompts` prompts."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of sampling (per prompt: seed + prompt index)."})
     output_json: str | None = field(default=None, metadata={"help": "Write the results to this JSON file."})
     plot: str | None = field(default=None, metadata={"help": "Write bar charts of tau and speedup to this PNG."})
@@ -1023,8 +1189,8 @@ def parse_bench_args(argv: list[str], prog: str = "glide-hf bench") -> BenchArgu
         parser.error("--temperature takes one or more values >= 0 (0 is greedy)")
     if args.num_prompts is not None and args.num_prompts < 1:
         parser.error("--num-prompts must be at least 1")
-    if args.max_new_tokens < 1 or args.workers < 0 or args.timing_prompts < 1:
-        parser.error("--max-new-tokens and --timing-prompts must be >= 1, --workers >= 0")
+    if args.max_new_tokens < 1 or args.workers < 0 or args.timing_prompts < 1 or args.batch_size < 1:
+        parser.error("--max-new-tokens, --timing-prompts and --batch-size must be >= 1, --workers >= 0")
     return args
 
 
@@ -1052,7 +1218,13 @@ def run_cli(argv: list[str], prog: str) -> int:
     )
     with cli_logging():
         result = evaluate(
-            spec, prompts, args.methods, settings, workers=args.workers, timing_prompts=args.timing_prompts
+            spec,
+            prompts,
+            args.methods,
+            settings,
+            workers=args.workers,
+            timing_prompts=args.timing_prompts,
+            batch_size=args.batch_size,
         )
     device = resolve_device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -1085,6 +1257,8 @@ def run_cli(argv: list[str], prog: str) -> int:
 __all__ = [
     "METHODS",
     "METHOD_LABELS",
+    "BATCHABLE_METHODS",
+    "BatchJob",
     "BenchArguments",
     "BenchModels",
     "BenchResult",
@@ -1094,18 +1268,23 @@ __all__ = [
     "MethodSummary",
     "ModelSpec",
     "STOCK_METHODS",
+    "build_jobs",
     "configure_assisted_decoding",
     "count_forward_calls",
     "evaluate",
     "format_notes",
     "format_table",
+    "generate_batch_continuations",
     "generate_continuation",
     "is_looping",
     "load_models",
     "load_prompts",
     "parse_bench_args",
     "plot_summaries",
+    "run_any_job",
+    "run_batch_job",
     "run_cli",
     "run_job",
+    "runs_batched",
     "summarize",
 ]
