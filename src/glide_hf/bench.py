@@ -241,6 +241,21 @@ STOCK_METHODS: dict[str, Callable[[BenchModels, DecodingSettings], dict]] = {
 }
 
 
+def _engine_generate(models: BenchModels, method: str, input_ids, attention_mask, settings, max_new_tokens, sampling):
+    """One call of the GLIDE engine for an engine `method`, with its statistics (`GlideGenerateOutput`)."""
+    strategy = ENGINE_STRATEGIES[method]
+    return models.draft.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        draft_strategy=strategy,
+        num_draft_tokens=settings.num_draft_tokens,
+        tree_widths=settings.tree_widths if strategy == "tree" else None,
+        max_new_tokens=max_new_tokens,
+        return_dict_in_generate=True,
+        **sampling,
+    )
+
+
 def generate_continuation(
     models: BenchModels,
     method: str,
@@ -254,17 +269,7 @@ def generate_continuation(
     attention_mask = torch.ones_like(input_ids)
     sampling = sampling_kwargs(temperature)
     if method in ENGINE_STRATEGIES:
-        strategy = ENGINE_STRATEGIES[method]
-        output = models.draft.generate(
-            input_ids,
-            attention_mask=attention_mask,
-            draft_strategy=strategy,
-            num_draft_tokens=settings.num_draft_tokens,
-            tree_widths=settings.tree_widths if strategy == "tree" else None,
-            max_new_tokens=max_new_tokens,
-            return_dict_in_generate=True,
-            **sampling,
-        )
+        output = _engine_generate(models, method, input_ids, attention_mask, settings, max_new_tokens, sampling)
         count = int(output.new_tokens[0])
         prompt_length = input_ids.shape[1]
         return output.sequences[0, prompt_length : prompt_length + count].tolist(), output.num_target_forwards
@@ -323,16 +328,8 @@ def generate_batch_continuations(
         attention_mask[row, width - len(prompt) :] = 1
     sampling = sampling_kwargs(temperature)
     if method in ENGINE_STRATEGIES:
-        strategy = ENGINE_STRATEGIES[method]
-        output = models.draft.generate(
-            input_ids,
-            attention_mask=attention_mask,
-            draft_strategy=strategy,
-            num_draft_tokens=settings.num_draft_tokens,
-            tree_widths=settings.tree_widths if strategy == "tree" else None,
-            max_new_tokens=settings.max_new_tokens,
-            return_dict_in_generate=True,
-            **sampling,
+        output = _engine_generate(
+            models, method, input_ids, attention_mask, settings, settings.max_new_tokens, sampling
         )
         rounds = (output.accepted_per_round >= 0).sum(0).tolist()  # [B]
         counts = output.new_tokens.tolist()
