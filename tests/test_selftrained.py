@@ -36,6 +36,8 @@ def test_tiny_selftrained_run_measures_every_method_losslessly(tmp_path, arch, c
             assert row["greedy_identical"] == row["num_prompts"], f"{method}: greedy output differs from vanilla"
     assert results["evaluation"]["mismatches"] == []
     assert results["corpus"]["heldout_packages"] == ["json"]
+    draft_data = results["draft_data"]  # every batch mixes greedy and sampled rows, even a budget of one batch
+    assert draft_data["greedy_rows"] > 0 and draft_data["sampled_rows"] > 0, draft_data
     assert results["independent_draft"]["parameters"] > 0 and results["glide_draft"]["trainable_parameters"] > 0
     assert set(results["phases"]) == {
         "corpus",

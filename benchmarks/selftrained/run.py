@@ -171,9 +171,9 @@ class SelfTrainedArguments:
     distill_max_prompt_tokens: int = field(default=224, metadata={"help": "Longest distillation prompt."})
     distill_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per distillation prompt."})
     distill_sample_fraction: float = field(
-        default=0.5, metadata={"help": "Fraction of the batches sampled at `distill_temperature` (others greedy)."}
+        default=0.5, metadata={"help": "Share of each batch's rows sampled at `distill_temperature` (others greedy)."}
     )
-    distill_temperature: float = field(default=0.7, metadata={"help": "Temperature of the sampled batches."})
+    distill_temperature: float = field(default=0.7, metadata={"help": "Temperature of the sampled rows."})
     draft_corpus_tokens: int = field(
         default=20_000_000, metadata={"help": "With `--draft-data corpus`: tokens of corpus windows written."}
     )
@@ -628,13 +628,16 @@ def heldout_loss(model, stream: torch.Tensor, args: SelfTrainedArguments, device
 
 @torch.no_grad()
 def distill_records(target_dir: Path, tokenizer, stream: torch.Tensor, args, device, report: Report) -> list[dict]:
-    """The target's continuations of random training windows, one prompt length per batch (no padding): greedy
-    batches and sampled ones (`distill_sample_fraction`), until `distill_seconds` or `distill_max_batches`."""
+    """The target's continuations of random training windows, one prompt length per batch (no padding): in every
+    batch a `distill_sample_fraction` share of the rows is sampled at `distill_temperature` and the rest is greedy,
+    so even a budget of one batch yields both kinds; batches run until `distill_seconds` or `distill_max_batches`."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(device).eval()
     eos = tokenizer.eos_token_id
     rng = torch.Generator().manual_seed(args.seed + 1)
-    records, batches, greedy_rows, sampled_rows, ended, generated = [], 0, 0, 0, 0, 0
+    records, batches, rows, ended, generated = [], 0, {"greedy": 0, "sampled": 0}, 0, 0
+    sampled_per_batch = round(args.distill_batch_size * args.distill_sample_fraction)
+    split = {"sampled": sampled_per_batch, "greedy": args.distill_batch_size - sampled_per_batch}
     start, last_batch = time.monotonic(), 0.0
     while batches < args.distill_max_batches:
         elapsed = time.monotonic() - start
@@ -644,32 +647,32 @@ def distill_records(target_dir: Path, tokenizer, stream: torch.Tensor, args, dev
             torch.randint(args.distill_min_prompt_tokens, args.distill_max_prompt_tokens + 1, (), generator=rng)
         )
         starts = torch.randint(0, stream.numel() - length, (args.distill_batch_size,), generator=rng)
-        prompts = stream[starts[:, None] + torch.arange(length)].long().to(device)  # [B, L]
-        fraction = args.distill_sample_fraction
-        sampled = int((batches + 1) * fraction) > int(batches * fraction)
+        all_prompts = stream[starts[:, None] + torch.arange(length)].long().to(device)  # [B, L]
         torch.manual_seed(args.seed + batches)
-        sampling = {"do_sample": True, "temperature": args.distill_temperature} if sampled else {"do_sample": False}
-        output = model.generate(
-            prompts,
-            attention_mask=torch.ones_like(prompts),
-            max_new_tokens=args.distill_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=eos,
-            **sampling,
-        )
-        continuations = output[:, length:].cpu().tolist()
-        cut = []
-        for tokens in continuations:
-            if eos in tokens:
-                tokens = tokens[: tokens.index(eos)]
-                ended += 1
-            cut.append(tokens)
-            generated += len(tokens)
-        sources = tokenizer.batch_decode(prompts.cpu().tolist())
-        targets = tokenizer.batch_decode(cut)
-        records.extend({"source": s, "target": t} for s, t in zip(sources, targets) if t)
-        greedy_rows += 0 if sampled else len(cut)
-        sampled_rows += len(cut) if sampled else 0
+        for kind, prompts in zip(split, all_prompts.split(list(split.values()))):
+            if prompts.shape[0] == 0:
+                continue
+            sampling = {"temperature": args.distill_temperature} if kind == "sampled" else {}
+            output = model.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                max_new_tokens=args.distill_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=eos,
+                do_sample=kind == "sampled",
+                **sampling,
+            )
+            cut = []
+            for tokens in output[:, length:].cpu().tolist():
+                if eos in tokens:
+                    tokens = tokens[: tokens.index(eos)]
+                    ended += 1
+                cut.append(tokens)
+                generated += len(tokens)
+            sources = tokenizer.batch_decode(prompts.cpu().tolist())
+            targets = tokenizer.batch_decode(cut)
+            records.extend({"source": s, "target": t} for s, t in zip(sources, targets) if t)
+            rows[kind] += len(cut)
         batches += 1
         last_batch = time.monotonic() - start - elapsed
     seconds = time.monotonic() - start
@@ -677,8 +680,8 @@ def distill_records(target_dir: Path, tokenizer, stream: torch.Tensor, args, dev
         "kind": "distill",
         "batches": batches,
         "records": len(records),
-        "greedy_rows": greedy_rows,
-        "sampled_rows": sampled_rows,
+        "greedy_rows": rows["greedy"],
+        "sampled_rows": rows["sampled"],
         "rows_ended_by_eos": ended,
         "generated_tokens": generated,
         "seconds": round(seconds, 1),
