@@ -3,12 +3,16 @@
 Measures, in one process on one card (issue 3, item 8):
 - vanilla `target.generate` tokens/s (dynamic cache, and static cache with Transformers' auto-compile);
 - one draft step against one target step (1-token query, 1k context);
-- verification of 1, 8, 32, 64 tree nodes at 1k and 16k context, relative to a one-token step;
+- verification of 1, 8, 32, 64 tree nodes at 1k and 16k context, relative to a one-token step, with the split
+  attention of `tree_attention.py` (prefix in torch's varlen flash kernel, tree masked, merged by log-sum-exp; what
+  the engine uses on bf16 CUDA) and with the explicit mask over the slot buffer (`verify_attention="masked"`);
 - the draft cache's bytes at 1k and 32k context;
+- engine tokens/s on a 16k-token prompt at forced acceptance 3, split and masked, against vanilla `generate`;
 - engine tokens/s with a 5-token chain at forced acceptance 1..5 (BENCHMARK-ONLY switch: the engine pretends the
   first k drafts matched, so the output is NOT the target's; it isolates speed from draft quality);
 - engine tokens/s at batch 1, 4 and 16 (forced acceptance 3) against vanilla `generate` at the same batch;
-- greedy exactness of the engine on a 32k-token prompt (a smaller fp32 Llama, where ties cannot flip).
+- greedy exactness of the engine on a 32k-token prompt (a smaller fp32 Llama, where ties cannot flip), masked and
+  split (fp32: the split's reference prefix), and agreement of the split (flash) and masked engines in bf16.
 
 Run: `python benchmarks/engine_gpu.py --out DIR` (prints a table, writes engine_gpu.json).
 """
@@ -23,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from glide_hf import GlideForCausalLM
 from glide_hf.engine import glide_generate
+from glide_hf.tree_attention import TreeAttentionInputs, fused_prefix_kernel_available, using_tree_attention
 
 # `--tiny` runs the whole script on the CPU with a small model, to check it before spending GPU time.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,6 +131,9 @@ def step_times(target, draft, context: int) -> dict:
             "draft_step_graph_ms": 1000 * graph_time(draft_step),
         }
         slots = call.target_cache.num_slots
+        fused = fused_prefix_kernel_available(ring.layers[0].keys.device, call.target_cache.layers[0].keys.dtype,
+                                              call.target_cache.layers[0].keys.shape[-1])
+        results["split_prefix_kernel"] = "flash varlen" if fused else "reference"
         for nodes in (1, 8, 32, 64):
             tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
             positions = rows.lengths[:, None] + torch.arange(nodes, device=DEVICE)[None]
@@ -142,11 +150,39 @@ def step_times(target, draft, context: int) -> dict:
 
             results[f"verify_{nodes}_ms"] = 1000 * cuda_time(verify, repeats=10, warmup=2)
             results[f"verify_{nodes}_graph_ms"] = 1000 * graph_time(verify, repeats=10)
+            tree = TreeAttentionInputs(
+                rows.lengths.to(torch.int32), positions, torch.ones(1, nodes, nodes, dtype=torch.bool,
+                                                                    device=DEVICE).tril(), fused,
+            )
+
+            def split(tokens=tokens, positions=positions, tree=tree, nodes=nodes):
+                with using_tree_attention(target.config):
+                    target(input_ids=tokens, position_ids=positions, attention_mask=tree.visible[:, None],
+                           cache=call.target_cache, use_cache=True, logits_to_keep=nodes, glide_tree=tree)
+
+            results[f"split_{nodes}_ms"] = 1000 * cuda_time(split, repeats=10, warmup=2)
+            results[f"split_{nodes}_graph_ms"] = 1000 * graph_time(split, repeats=10)
         results["draft_cache_bytes"] = sum(
             tensor.numel() * tensor.element_size() for tensor in (ring.layers[0].keys, ring.layers[0].values)
         )
     torch.cuda.empty_cache()
     return results
+
+
+def split_agrees_with_masked(draft, prompt, new_tokens: int) -> dict:
+    """Greedy tokens of the engine with split (flash prefix) and masked verification, both bf16: how many agree.
+
+    Not an exactness test: two bf16 attention kernels round differently, so a near-tie may flip a token."""
+    with torch.no_grad():
+        outputs = {
+            attention: draft.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                      draft_strategy="tree", tree_widths=(4, 8, 8, 8), verify_attention=attention)
+            for attention in ("split", "masked")
+        }
+    split, masked = (outputs[name][0, prompt.shape[1]:] for name in ("split", "masked"))
+    differ = (split != masked).nonzero()
+    return {"bf16_split_vs_masked_first_difference": int(differ[0, 0]) if differ.numel() else None,
+            "bf16_split_vs_masked_tokens": int(split.numel())}
 
 
 def long_context_exactness(context: int, new_tokens: int, tiny: bool) -> dict:
@@ -158,9 +194,10 @@ def long_context_exactness(context: int, new_tokens: int, tiny: bool) -> dict:
         expected = target.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
         results = {}
         for strategy, kwargs in (("chain", {}), ("tree", {"tree_widths": (4, 8, 8, 8)})):
-            got = draft.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                                 draft_strategy=strategy, **kwargs)
-            results[f"greedy_identical_{strategy}_{context}"] = bool(torch.equal(expected, got))
+            for attention in ("masked", "split"):
+                got = draft.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                     draft_strategy=strategy, verify_attention=attention, **kwargs)
+                results[f"greedy_identical_{strategy}_{attention}_{context}"] = bool(torch.equal(expected, got))
     del target, draft
     torch.cuda.empty_cache()
     return results
@@ -174,7 +211,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="small model, short runs: a smoke test of this script")
     args = parser.parse_args()
     model_fields = TINY if args.tiny else LLAMA3_8B
-    contexts = (64, 256) if args.tiny else (1024, 16384)
+    contexts = (64, 256) if args.tiny else (1024, 4096, 16384)
     long_context = 512 if args.tiny else 32768
     import transformers
 
@@ -197,6 +234,16 @@ def main() -> int:
                                               forced_acceptance=accepted)
         results[f"engine_forced_{accepted}_tok_s"] = tok_s
         results[f"engine_forced_{accepted}_tau"] = tau
+    results["engine_forced_3_split_tok_s"] = engine_tokens_per_second(
+        draft, prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=3, verify_attention="split"
+    )[0]
+    results.update(split_agrees_with_masked(draft, prompt, args.new_tokens))
+    long_prompt = prompt_of(256 if args.tiny else 16384)
+    results["long_vanilla_dynamic_tok_s"] = vanilla_tokens_per_second(target, long_prompt, 64)
+    for attention in ("split", "masked"):
+        results[f"long_engine_forced_3_{attention}_tok_s"] = engine_tokens_per_second(
+            draft, long_prompt, 64, num_draft_tokens=5, forced_acceptance=3, verify_attention=attention
+        )[0]
     results["engine_forced_3_eager_tok_s"] = engine_tokens_per_second(
         draft, prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=3, use_cuda_graphs=False
     )[0]
@@ -215,14 +262,23 @@ def main() -> int:
           f"static {results['vanilla_static_tok_s']:.1f} tok/s")
     for context, steps in one.items():
         for kind in ("", "_graph"):
-            base = steps[f"verify_1{kind}_ms"]
             draft_ms = steps[f"draft_step{kind}_ms"]
-            print(f"ctx {context:>6} {'graphs' if kind else 'eager':>6}: target 1-token {base:.2f} ms | draft "
-                  f"{draft_ms:.2f} ms ({100 * draft_ms / base:.1f}%) | verify 8/32/64 nodes "
-                  + " / ".join(f"{steps[f'verify_{n}{kind}_ms'] / base:.2f}x" for n in (8, 32, 64)))
+            for attention in ("split", "verify"):
+                base = steps[f"{attention}_1{kind}_ms"]
+                print(f"ctx {context:>6} {'graphs' if kind else 'eager':>6} "
+                      f"{'split' if attention == 'split' else 'masked':>6}: target 1-token {base:.2f} ms | draft "
+                      f"{draft_ms:.2f} ms ({100 * draft_ms / base:.1f}%) | verify 8/32/64 nodes "
+                      + " / ".join(f"{steps[f'{attention}_{n}{kind}_ms'] / base:.2f}x" for n in (8, 32, 64)))
     print(f"draft cache: {one[contexts[0]]['draft_cache_bytes']} B at {contexts[0]} tokens, "
           f"{results['draft_cache_bytes_long']} B at {long_context}")
-    print(f"engine forced 3 without CUDA graphs: {results['engine_forced_3_eager_tok_s']:.1f} tok/s")
+    print(f"engine forced 3 without CUDA graphs: {results['engine_forced_3_eager_tok_s']:.1f} tok/s; "
+          f"with split verification: {results['engine_forced_3_split_tok_s']:.1f} tok/s")
+    print(f"{long_prompt.shape[1]}-token prompt, 64 new tokens: vanilla dynamic "
+          f"{results['long_vanilla_dynamic_tok_s']:.1f} tok/s; engine forced 3, split "
+          f"{results['long_engine_forced_3_split_tok_s']:.1f} / masked "
+          f"{results['long_engine_forced_3_masked_tok_s']:.1f}")
+    print(f"bf16 greedy, split vs masked verification: first difference at token "
+          f"{results['bf16_split_vs_masked_first_difference']} of {results['bf16_split_vs_masked_tokens']}")
     print("engine (FORCED acceptance, benchmark only): "
           + ", ".join(f"{k}: {results[f'engine_forced_{k}_tok_s']:.1f}" for k in range(1, 6)) + " tok/s")
     batches = [

@@ -24,6 +24,7 @@ API_PATH = Path(__file__).resolve().parent / "api.md"
 MODULES = (
     ("glide_hf", ("GlideConfig", "GlidePreTrainedModel", "GlideForCausalLM", "GlideModel"), "the model classes"),
     ("glide_hf.engine", None, "the GLIDE engine behind `GlideForCausalLM.generate`"),
+    ("glide_hf.tree_attention", None, "split tree attention for the engine's verify forward"),
     ("glide_hf.trainer", None, "training: `glide-hf train` and `train_glide`"),
     ("glide_hf.data", None, "training data: formats, masking, packing, Anchor-Offset"),
     ("glide_hf.distill", None, "self-distillation data: `glide-hf distill-data`"),

@@ -342,3 +342,110 @@ def test_max_length_not_beyond_the_prompt_is_rejected():
     draft = build_draft(build_target())
     with pytest.raises(UnsupportedGenerationError, match="max_length=5"):
         draft.generate(random_ids(1, 5), max_length=5)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_split_verify_attention_is_exact(family, strategy, monkeypatch):
+    """Prefix and tree attended separately and merged by log-sum-exp (the reference prefix on the CPU) give the
+    target's greedy output, for batches of different prompt lengths and grouped key/value heads."""
+    from glide_hf import tree_attention
+
+    split_calls = []
+    original = tree_attention._tree_part
+    monkeypatch.setattr(tree_attention, "_tree_part", lambda *args: split_calls.append(1) or original(*args))
+    target = build_target(family)
+    draft = build_draft(target, sliding_window=4)
+    prompts = [random_ids(1, length, seed=length)[0] for length in (2, 9, 17)]
+    assert_rows_equal_single_generation(target, draft, prompts, 24, verify_attention="split", **STRATEGIES[strategy])
+    assert split_calls, "the verify forward did not go through the split attention"
+    assert target.config._attn_implementation == "sdpa"  # restored after each verify forward
+
+
+def test_split_verify_attention_equals_the_masked_attention_output():
+    """One layer's split tree attention equals sdpa with the explicit mask, including rows of different lengths."""
+    from glide_hf.static_cache import SlotCache
+    from glide_hf.tree_attention import TreeAttentionInputs, tree_attention_forward
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, nodes, slots, dim = 3, 4, 2, 5, 23, 8
+    cache = SlotCache.allocate(1, batch, kv_heads, slots, dim, torch.float32, "cpu")
+    layer = cache.layers[0]
+    layer.keys.copy_(torch.randn(batch, kv_heads, slots, dim))
+    layer.values.copy_(torch.randn(batch, kv_heads, slots, dim))
+    lengths = torch.tensor([1, 7, 15])
+    node_slots = lengths[:, None] + torch.arange(nodes)[None]
+    parents = torch.tensor([-1, 0, 0, 1, 2])  # a small tree: node i's parent
+    visible = torch.eye(nodes, dtype=torch.bool)
+    for node in range(1, nodes):
+        visible[node] |= visible[parents[node]]
+    visible = visible[None].expand(batch, -1, -1)
+    query = torch.randn(batch, heads, nodes, dim)
+
+    slot = torch.arange(slots)[None, None, :]
+    offset = slot - lengths[:, None, None]  # [B, 1, S]
+    tree_visible = visible.gather(2, offset.clamp(0, nodes - 1).expand(-1, nodes, -1)) & (offset >= 0) & (
+        offset < nodes
+    )
+    mask = ((offset < 0) | tree_visible)[:, None]  # [B, 1, N, S]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        layer.keys.repeat_interleave(heads // kv_heads, 1),
+        layer.values.repeat_interleave(heads // kv_heads, 1),
+        attn_mask=mask,
+    ).transpose(1, 2)
+    inputs = TreeAttentionInputs(lengths.to(torch.int32), node_slots, visible, use_fused_kernel=False)
+    got, _ = tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert layer.key_storage.is_contiguous() and layer.keys.shape == (batch, kv_heads, slots, dim)
+
+
+def test_split_verify_attention_rejects_sliding_window_targets_and_unknown_modes():
+    target = build_target("mistral")
+    draft = build_draft(target, sliding_window=4)
+    prompt = random_ids(1, 5, seed=0)
+    with pytest.raises(UnsupportedGenerationError, match="verify_attention='masked'"):
+        draft.generate(prompt, max_new_tokens=4, do_sample=False, verify_attention="split")
+    with pytest.raises(GlideConfigError, match="verify_attention='fast'"):
+        draft.generate(prompt, max_new_tokens=4, do_sample=False, verify_attention="fast")
+
+
+def _varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout, causal, debug, *, scale,
+                      seqused_k):
+    """What torch's varlen flash kernel computes (output, lse `[H, total_q]`), in plain torch, for the CPU."""
+    groups = query.shape[1] // key.shape[1]
+    output = torch.zeros_like(query)
+    lse = torch.full((query.shape[1], query.shape[0]), float("inf"))  # the kernel's value for a sequence w/o keys
+    for sequence in range(cu_seq_q.numel() - 1):
+        q_start, q_end = int(cu_seq_q[sequence]), int(cu_seq_q[sequence + 1])
+        k_start = int(cu_seq_k[sequence])
+        used = int(seqused_k[sequence])
+        assert q_end - q_start <= max_q and int(cu_seq_k[sequence + 1]) - k_start <= max_k and used <= max_k
+        if used == 0:
+            continue
+        keys = key[k_start : k_start + used].repeat_interleave(groups, 1)  # [K, H, D]
+        values = value[k_start : k_start + used].repeat_interleave(groups, 1)
+        scores = torch.einsum("qhd,khd->hqk", query[q_start:q_end].float(), keys.float()) * scale
+        lse[:, q_start:q_end] = torch.logsumexp(scores, -1)
+        output[q_start:q_end] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), values.float())
+    return output, lse, None, None, None
+
+
+@pytest.mark.parametrize("slots", [7, 23, 40])
+def test_chunked_prefix_for_the_flash_kernel_equals_the_reference(monkeypatch, slots):
+    """The split-KV chunking and merge of the flash prefix path (kernel replaced by its plain-torch semantics),
+    including chunks past a row's length and a last chunk shorter than the others."""
+    from glide_hf import tree_attention
+
+    monkeypatch.setattr(tree_attention, "PREFIX_CHUNK_SLOTS", 8)
+    monkeypatch.setattr(tree_attention, "_varlen_flash_forward", _varlen_reference)
+    torch.manual_seed(slots)
+    batch, heads, kv_heads, queries, dim = 3, 4, 2, 3, 8
+    keys = torch.randn(batch, slots, kv_heads, dim).transpose(1, 2)  # token-major storage, as the slot cache
+    values = torch.randn(batch, slots, kv_heads, dim).transpose(1, 2)
+    query = torch.randn(batch, heads, queries, dim)
+    lengths = torch.tensor([1, slots // 2, slots], dtype=torch.int32)
+    got, got_lse = tree_attention._flash_prefix(query, keys, values, lengths, 0.3)
+    expected, expected_lse = tree_attention._reference_prefix(query, keys, values, lengths, 0.3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_lse, expected_lse, atol=1e-5, rtol=1e-5)

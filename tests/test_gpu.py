@@ -108,3 +108,44 @@ def test_sampling_with_cuda_graphs_keeps_tokens_in_the_top_k_support():
     torch.manual_seed(0)
     out = draft.generate(prompt.repeat(64, 1), max_new_tokens=6, do_sample=True, top_k=3, use_cuda_graphs=True)
     assert torch.isin(out[:, 5], allowed).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("batch", "nodes", "slots"), [(1, 32, 200), (2, 16, 300), (3, 7, 4100)])
+def test_fused_prefix_tree_attention_equals_the_reference_on_cuda(dtype, batch, nodes, slots):
+    """torch's varlen flash kernel (per-row key counts, grouped heads) plus the merge equals the fp32 reference."""
+    from glide_hf.static_cache import SlotCache
+    from glide_hf.tree_attention import TreeAttentionInputs, fused_prefix_kernel_available, tree_attention_forward
+
+    heads, kv_heads, dim = 32, 8, 128
+    assert fused_prefix_kernel_available(torch.device("cuda"), dtype, dim)
+    generator = torch.Generator(device="cuda").manual_seed(batch)
+    cache = SlotCache.allocate(1, batch, kv_heads, slots, dim, dtype, "cuda")
+    layer = cache.layers[0]
+    layer.keys.copy_(torch.randn(layer.keys.shape, device="cuda", generator=generator))
+    layer.values.copy_(torch.randn(layer.values.shape, device="cuda", generator=generator))
+    lengths = torch.randint(1, slots - nodes, (batch,), device="cuda", generator=generator)
+    visible = torch.ones(nodes, nodes, dtype=torch.bool, device="cuda").tril()[None].expand(batch, -1, -1)
+    query = torch.randn(batch, heads, nodes, dim, device="cuda", dtype=dtype, generator=generator)
+    node_slots = lengths[:, None] + torch.arange(nodes, device="cuda")[None]
+    outputs = {}
+    for fused in (True, False):
+        inputs = TreeAttentionInputs(lengths.to(torch.int32), node_slots, visible, use_fused_kernel=fused)
+        outputs[fused], _ = tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
+    torch.testing.assert_close(outputs[True].float(), outputs[False].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_engine_verifies_with_the_fused_prefix_kernel_on_cuda(monkeypatch):
+    """With a bf16 target on CUDA, `verify_attention="auto"` takes the flash prefix path (here from the first slot
+    on), with CUDA graphs."""
+    from glide_hf import tree_attention
+
+    calls = []
+    original = tree_attention._flash_prefix
+    monkeypatch.setattr(tree_attention, "_flash_prefix", lambda *args: calls.append(1) or original(*args))
+    target = build_target().to("cuda", torch.bfloat16)
+    draft = build_draft(target).to("cuda", torch.bfloat16)
+    prompt = random_ids(2, 24).cuda()
+    out = draft.generate(prompt, max_new_tokens=16, do_sample=False, draft_strategy="tree", tree_widths=(2, 3),
+                         split_verify_min_slots=0)
+    assert out.shape[0] == 2 and out.shape[1] > 24 and calls

@@ -6,7 +6,9 @@ token goes to (`set_write_slots`); the layers scatter the new keys/values there 
 and the engine's attention masks say which slots each query may see. Nothing is appended or cropped: lengths are
 the engine's own state.
 
-- `SlotCache`: one preallocated `[B, H_kv, S, D]` buffer per target layer (prompt + new tokens + tree slots).
+- `SlotCache`: one preallocated `[B, H_kv, S, D]` buffer per target layer (prompt + new tokens + tree slots),
+  stored token-major (`[B, S, H_kv, D]` underneath) so that a variable-length attention kernel can read each row's
+  prefix in place (`tree_attention.py`).
 - `DraftRingCache`: the draft's one layer as a ring of `sliding_window + ring_slack` slots (token at position p
   lives in slot p mod R) followed by `tree_slots` scratch slots for the current round's draft tree. Its size does
   not depend on the context length.
@@ -24,11 +26,16 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, key_storage: torch.Tensor, value_storage: torch.Tensor) -> None:
         super().__init__()
-        self.keys, self.values = keys, values  # [B, H_kv, S, D]
+        self._set_storage(key_storage, value_storage)
         self.is_initialized = True
         self.write_slots: torch.Tensor | None = None  # [B, Q], set by the owning cache before a forward
+
+    def _set_storage(self, key_storage: torch.Tensor, value_storage: torch.Tensor) -> None:
+        """Hold token-major buffers `[B, S, H_kv, D]` and expose them as Transformers' `[B, H_kv, S, D]` views."""
+        self.key_storage, self.value_storage = key_storage, value_storage
+        self.keys, self.values = key_storage.transpose(1, 2), value_storage.transpose(1, 2)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("SlotLayer buffers are allocated up front.")
@@ -50,7 +57,7 @@ class SlotLayer(CacheLayerMixin):
         return self.keys.shape[-2]
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        self.keys, self.values = self.keys[rows], self.values[rows]
+        self._set_storage(self.key_storage[rows], self.value_storage[rows])
 
     def move_slots(self, source: torch.Tensor, destination: torch.Tensor) -> None:
         """Copy slots `source` `[B, M]` to `destination` `[B, M]` in every row (gather first: they may overlap)."""
@@ -61,7 +68,12 @@ class SlotLayer(CacheLayerMixin):
 
 
 def _zeros_layer(shape: tuple[int, ...], dtype: torch.dtype, device) -> SlotLayer:
-    return SlotLayer(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    """A slot layer of logical shape `shape` = `[B, H_kv, S, D]`, zero-filled and stored token-major."""
+    batch, num_kv_heads, num_slots, head_dim = shape
+    storage_shape = (batch, num_slots, num_kv_heads, head_dim)
+    return SlotLayer(
+        torch.zeros(storage_shape, dtype=dtype, device=device), torch.zeros(storage_shape, dtype=dtype, device=device)
+    )
 
 
 class SlotCache(Cache):
