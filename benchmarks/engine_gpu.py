@@ -2,7 +2,8 @@
 
 Measures, in one process on one card (issue 3, item 8):
 - vanilla `target.generate` tokens/s (dynamic cache, and static cache with Transformers' auto-compile);
-- one draft step against one target step (1-token query, 1k context);
+- one draft step against one target step (1-token query, 1k context), and the draft step over a draft vocabulary of
+  a quarter of the ids (`set_draft_vocabulary`);
 - verification of 1, 8, 32, 64 tree nodes at 1k and 16k context, relative to a one-token step, with the split
   attention of `tree_attention.py` (prefix in torch's varlen flash kernel, tree masked, merged by log-sum-exp; what
   the engine uses on bf16 CUDA) and with the explicit mask over the slot buffer (`verify_attention="masked"`);
@@ -111,7 +112,7 @@ def step_times(target, draft, context: int) -> dict:
     """One target step (1 token) and one draft step, both reading a `context`-token target cache."""
     from transformers import GenerationConfig
 
-    from glide_hf.engine import _draft_step, _prefill
+    from glide_hf.engine import _draft_head, _draft_step, _prefill
     from glide_hf.tree import chain
 
     prompt = prompt_of(context)
@@ -130,6 +131,13 @@ def step_times(target, draft, context: int) -> dict:
             "draft_step_ms": 1000 * cuda_time(draft_step, repeats=20, warmup=3),
             "draft_step_graph_ms": 1000 * graph_time(draft_step),
         }
+        # The same step over a draft vocabulary (`set_draft_vocabulary`): a quarter of the LM head's rows.
+        full_head = (call.draft_vocab_ids, call.draft_head_weight, call.draft_head_bias)
+        draft.set_draft_vocabulary(torch.arange(draft.config.vocab_size // 4))
+        call.draft_vocab_ids, call.draft_head_weight, call.draft_head_bias = _draft_head(draft)
+        results["draft_step_quarter_vocab_graph_ms"] = 1000 * graph_time(draft_step)
+        draft.set_draft_vocabulary(None)
+        call.draft_vocab_ids, call.draft_head_weight, call.draft_head_bias = full_head
         slots = call.target_cache.num_slots
         fused = fused_prefix_kernel_available(ring.layers[0].keys.device, call.target_cache.layers[0].keys.dtype,
                                               call.target_cache.layers[0].keys.shape[-1])
@@ -269,6 +277,8 @@ def main() -> int:
                       f"{'split' if attention == 'split' else 'masked':>6}: target 1-token {base:.2f} ms | draft "
                       f"{draft_ms:.2f} ms ({100 * draft_ms / base:.1f}%) | verify 8/32/64 nodes "
                       + " / ".join(f"{steps[f'{attention}_{n}{kind}_ms'] / base:.2f}x" for n in (8, 32, 64)))
+    print("draft step over a quarter of the vocabulary (graphs): "
+          + ", ".join(f"{c}: {s['draft_step_quarter_vocab_graph_ms']:.2f} ms" for c, s in one.items()))
     print(f"draft cache: {one[contexts[0]]['draft_cache_bytes']} B at {contexts[0]} tokens, "
           f"{results['draft_cache_bytes_long']} B at {long_context}")
     print(f"engine forced 3 without CUDA graphs: {results['engine_forced_3_eager_tok_s']:.1f} tok/s; "

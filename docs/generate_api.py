@@ -32,6 +32,7 @@ MODULES = (
     ("glide_hf.convert", None, "LongSpec checkpoint conversion: `glide-hf convert-longspec`"),
     ("glide_hf.model_card", None, "model cards"),
     ("glide_hf.bench", None, "acceptance and speed evaluation: `glide-hf bench`"),
+    ("glide_hf.draft_vocab", None, "the draft's vocabulary: `glide-hf draft-vocab`"),
     ("glide_hf.loss", None, "the training loss"),
     ("glide_hf.configuration_glide", ("check_target_compatibility", "target_shape"), "config helpers"),
     ("glide_hf.modeling_glide", ("check_target_model", "default_generation_config", "read_target_kv"),

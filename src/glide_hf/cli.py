@@ -21,6 +21,7 @@ COMMANDS = {
     "train": ("glide_hf.trainer", "train a GLIDE draft for a target (Trainer, LongSpec recipe)"),
     "distill-data": ("glide_hf.distill", "regenerate training responses with the target (self-distillation)"),
     "convert-longspec": ("glide_hf.convert", "convert a LongSpec draft checkpoint to a glide-hf draft"),
+    "draft-vocab": ("glide_hf.draft_vocab", "choose the token ids the engine drafts over from your data"),
     "bench": ("glide_hf.bench", "measure acceptance and speed of a (target, draft) pair on a prompts file"),
 }
 

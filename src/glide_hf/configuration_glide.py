@@ -60,6 +60,11 @@ class GlideConfig(PreTrainedConfig):
         num_draft_tokens (`int`, *optional*, defaults to 5):
             Tokens drafted per round by `target.generate(..., assistant_model=draft)`; written into the draft's
             `generation_config.json` as `num_assistant_tokens`.
+        draft_vocab_size (`int`, *optional*):
+            When set, the engine drafts over this many token ids only (the draft's `draft_vocab_ids` buffer, saved
+            with its weights; set them with `GlideForCausalLM.set_draft_vocabulary`), reading that many rows of the
+            target's LM head per draft step instead of all of them. Output stays the target's: only the proposals
+            are restricted. None (default): the whole vocabulary.
         loss_implementation (`str`, *optional*, defaults to `"auto"`):
             How the training loss is computed from the draft's hidden states: `"liger"` (liger-kernel's fused
             linear cross-entropy, CUDA only), `"chunked"` (cross-entropy over chunks of `loss_chunk_size` tokens,
@@ -106,6 +111,7 @@ class GlideConfig(PreTrainedConfig):
     final_norm: bool = True
     max_draft_lag: int = 5
     num_draft_tokens: int = 5
+    draft_vocab_size: int | None = None
     loss_implementation: Literal["auto", "liger", "chunked", "plain"] = "auto"
     loss_chunk_size: int = 1024
     hidden_act: str = "silu"
@@ -171,6 +177,14 @@ class GlideConfig(PreTrainedConfig):
             )
         if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 1:
             raise GlideConfigError(f"`num_draft_tokens` must be an integer >= 1, got {self.num_draft_tokens!r}.")
+        if self.draft_vocab_size is not None and (
+            not isinstance(self.draft_vocab_size, int)
+            or not 1 <= self.draft_vocab_size <= (self.vocab_size or self.draft_vocab_size)
+        ):
+            raise GlideConfigError(
+                f"`draft_vocab_size` must be None (the whole vocabulary) or an integer from 1 to the vocabulary size "
+                f"({self.vocab_size}), got {self.draft_vocab_size!r}."
+            )
         if self.loss_implementation not in ("auto", "liger", "chunked", "plain"):
             raise GlideConfigError(
                 f"`loss_implementation` must be one of 'auto', 'liger', 'chunked', 'plain', "

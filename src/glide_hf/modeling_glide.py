@@ -27,7 +27,7 @@ import copy
 import os
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -862,6 +862,10 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
     def __init__(self, config: GlideConfig, target_model: PreTrainedModel | None = None):
         super().__init__(config)
         self.model = GlideModel(config)
+        # The token ids the engine drafts over (`config.draft_vocab_size` of them; set by `set_draft_vocabulary`
+        # and saved with the weights), or None for the whole vocabulary.
+        ids = None if config.draft_vocab_size is None else torch.arange(config.draft_vocab_size)
+        self.register_buffer("draft_vocab_ids", ids, persistent=True)
         self.post_init()
         self.generation_config = default_generation_config(config)
         if target_model is not None:
@@ -869,6 +873,41 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
 
     def get_glide_model(self) -> GlideModel:
         return self.model
+
+    def set_draft_vocabulary(self, token_ids: Sequence[int] | torch.Tensor | None) -> "GlideForCausalLM":
+        """Let the engine draft over `token_ids` only, or over the whole vocabulary again with None.
+
+        A draft step then reads those rows of the target's LM head instead of all of them (a Llama-3 head is
+        128256 x 4096: 1 GB in bf16, most of a draft step's memory traffic). The output is still the target's: the
+        target verifies, and a token outside the set is never proposed but still produced by the target. Pick the
+        most frequent tokens of your data (`glide_hf.draft_vocab.most_frequent_token_ids`, or
+        `glide-hf draft-vocab`). The ids are saved with the draft (`draft_vocab_ids`, `config.draft_vocab_size`).
+        The stock assisted path (`target.generate(..., assistant_model=draft)`) always drafts over the whole
+        vocabulary.
+        """
+        if token_ids is None:
+            self.draft_vocab_ids = None
+            self.config.draft_vocab_size = None
+            return self
+        ids = torch.as_tensor(token_ids)
+        vocab_size = self.config.vocab_size
+        if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise GlideConfigError(
+                f"`token_ids` must be a non-empty 1-D list of integer token ids, got shape {tuple(ids.shape)} and "
+                f"dtype {ids.dtype}."
+            )
+        ids = ids.long().cpu()
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise GlideConfigError(
+                f"`token_ids` must lie in 0..{vocab_size - 1} (the vocabulary), got values from {int(ids.min())} to "
+                f"{int(ids.max())}."
+            )
+        ids = ids.unique(sorted=True)
+        if ids.numel() != torch.as_tensor(token_ids).numel():
+            raise GlideConfigError("`token_ids` holds repeated ids: give each token once.")
+        self.draft_vocab_ids = ids.to(self.model.layer.input_layernorm.weight.device)  # the engine moves it
+        self.config.draft_vocab_size = int(ids.numel())
+        return self
 
     def forward(
         self,
