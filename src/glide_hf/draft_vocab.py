@@ -63,15 +63,8 @@ def most_frequent_token_ids(counts: torch.Tensor, size: int, always_include: Ite
 
 
 def run_cli(argv: list[str], prog: str) -> int:
-    """`glide-hf draft-vocab`: choose a draft's vocabulary from data and save the draft with it.
-
-    Args:
-        argv (`list[str]`): the flags after the subcommand.
-        prog (`str`): the program name for help and error messages.
-
-    Returns:
-        `int`: the exit status, 0 on success.
-    """
+    """`glide-hf draft-vocab` with the flags `argv` (after the subcommand): choose a draft's vocabulary from data
+    and save the draft with it. Returns the exit status."""
     from .data import load_records, tokenize_records
 
     parser = argparse.ArgumentParser(
