@@ -394,7 +394,7 @@ def test_split_verify_attention_equals_the_masked_attention_output():
         layer.values.repeat_interleave(heads // kv_heads, 1),
         attn_mask=mask,
     ).transpose(1, 2)
-    inputs = TreeAttentionInputs(lengths.to(torch.int32), node_slots, visible, use_fused_kernel=False)
+    inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, use_fused_kernel=False)
     got, _ = tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert layer.key_storage.is_contiguous() and layer.keys.shape == (batch, kv_heads, slots, dim)
@@ -444,8 +444,21 @@ def test_chunked_prefix_for_the_flash_kernel_equals_the_reference(monkeypatch, s
     keys = torch.randn(batch, slots, kv_heads, dim).transpose(1, 2)  # token-major storage, as the slot cache
     values = torch.randn(batch, slots, kv_heads, dim).transpose(1, 2)
     query = torch.randn(batch, heads, queries, dim)
-    lengths = torch.tensor([1, slots // 2, slots], dtype=torch.int32)
-    got, got_lse = tree_attention._flash_prefix(query, keys, values, lengths, 0.3)
+    lengths = torch.tensor([1, slots // 2, slots])
+    node_slots = torch.zeros(batch, queries, dtype=torch.long)  # unused by the prefix
+    visible = torch.ones(batch, queries, queries, dtype=torch.bool)
+    inputs = tree_attention.TreeAttentionInputs.build(lengths, node_slots, visible, slots, use_fused_kernel=True)
+    got, got_lse = tree_attention._merge([tree_attention._flash_prefix(query, keys, values, inputs, 0.3)])
     expected, expected_lse = tree_attention._reference_prefix(query, keys, values, lengths, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_lse, expected_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_fractional_forced_acceptance_alternates_to_the_requested_average():
+    """Benchmark-only switch: 2.5 accepted drafts per round means rounds of 2 and 3, in that order."""
+    target = build_target()
+    draft = build_draft(target)
+    out = draft.generate(random_ids(1, 6), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                         num_draft_tokens=5, forced_acceptance=2.5, return_dict_in_generate=True)
+    accepted = [int(round_accepted[0]) for round_accepted in out.accepted_per_round]
+    assert accepted[:6] == [2, 3, 2, 3, 2, 3]

@@ -130,7 +130,7 @@ def test_fused_prefix_tree_attention_equals_the_reference_on_cuda(dtype, batch, 
     node_slots = lengths[:, None] + torch.arange(nodes, device="cuda")[None]
     outputs = {}
     for fused in (True, False):
-        inputs = TreeAttentionInputs(lengths.to(torch.int32), node_slots, visible, use_fused_kernel=fused)
+        inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, use_fused_kernel=fused)
         outputs[fused], _ = tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
     torch.testing.assert_close(outputs[True].float(), outputs[False].float(), atol=2e-2, rtol=2e-2)
 

@@ -104,7 +104,7 @@ class _Call:
     target_cache: SlotCache
     draft_cache: DraftRingCache
     stopping_criteria: StoppingCriteriaList | None
-    forced_acceptance: int | None
+    forced_acceptance: float | None
     prompts: torch.Tensor
     eos_tensor: torch.Tensor  # [E] end-of-sequence ids on the device (made once: rounds hold no host copies)
     cape_bins: torch.Tensor | None
@@ -120,6 +120,7 @@ class _Call:
     draft_head_bias: torch.Tensor | None = None
     accepted: list = field(default_factory=list)
     num_target_forwards: int = 0
+    forced_rounds: torch.Tensor | None = None  # benchmark only: rounds run so far, on the device
 
 
 def glide_generate(
@@ -134,7 +135,7 @@ def glide_generate(
     num_draft_tokens: int | None = None,
     tree_widths: tuple[int, ...] | None = None,
     cape_bins: tuple[int, ...] | None = None,
-    forced_acceptance: int | None = None,
+    forced_acceptance: float | None = None,
     use_cuda_graphs: bool | None = None,
     verify_attention: str = "auto",
     split_verify_min_slots: int = 4096,
@@ -143,7 +144,8 @@ def glide_generate(
     """Decode with the target, drafting with `draft`; see `GlideForCausalLM.generate` for the arguments.
 
     `forced_acceptance` is a benchmark-only switch: every round pretends the first k drafts matched, so the output is
-    not the target's. `use_cuda_graphs` (default: on CUDA) replays each round as one captured CUDA graph.
+    not the target's; a fractional k alternates so that the first r rounds accept `floor(r * k)` drafts in all.
+    `use_cuda_graphs` (default: on CUDA) replays each round as one captured CUDA graph.
     `verify_attention`: `"masked"` verifies with one explicit mask over the slot buffer (sdpa or eager); `"split"`
     attends to the prefix and to the tree separately and merges them (`tree_attention.py`), with the prefix in
     torch's flash kernel where it serves (CUDA, fp16/bf16) and a reference computation elsewhere; `"auto"` (default)
@@ -509,7 +511,8 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
     call.target_cache.set_write_slots(node_slots)
     node_positions = rows.lengths[:, None] + tree.depths
     if call.split_verify:
-        tree_inputs = TreeAttentionInputs(rows.lengths.to(torch.int32), node_slots, tree.ancestors, call.fused_prefix)
+        tree_inputs = TreeAttentionInputs.build(rows.lengths, node_slots, tree.ancestors, call.target_cache.num_slots,
+                                                call.fused_prefix)
         with using_tree_attention(target.config):  # the 4D mask only stops Transformers from building its own
             target_logits = target(
                 input_ids=tree.tokens, position_ids=node_positions, attention_mask=tree.ancestors[:, None],
@@ -533,7 +536,11 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
     else:
         verdict = verify_tree(tree, processed, [], call.config.do_sample, max_depth=policy.depth)
     if call.forced_acceptance is not None:  # benchmark only: pretend the first k drafts matched
-        verdict.num_accepted.fill_(call.forced_acceptance)
+        if call.forced_rounds is None:
+            call.forced_rounds = torch.zeros((), dtype=torch.float64, device=device)
+        rounds, rate = call.forced_rounds, call.forced_acceptance
+        verdict.num_accepted.copy_(((rounds + 1) * rate).floor().long() - (rounds * rate).floor().long())
+        call.forced_rounds.add_(1)
         verdict.path = torch.arange(policy.depth + 1, device=device)[None].expand(batch, -1).contiguous()
         verdict.next_token = tree.tokens[:, -1]
     accepted = verdict.num_accepted
@@ -542,7 +549,9 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
     depth_grid = torch.arange(policy.depth + 1, device=device)[None]
     on_path = depth_grid <= accepted[:, None]
     destination = rows.lengths[:, None] + depth_grid
-    call.target_cache.move_slots(torch.where(on_path, rows.lengths[:, None] + verdict.path, destination), destination)
+    if policy.kind != "chain":  # a chain's node d already sits at slot length + d: nothing to move
+        source = torch.where(on_path, rows.lengths[:, None] + verdict.path, destination)
+        call.target_cache.move_slots(source, destination)
     ring_destination = ring.ring_slots(destination[:, 1:])
     ring.move_slots(torch.where(on_path[:, 1:], ring.tree_slot(verdict.path[:, 1:]), ring_destination),
                     ring_destination)

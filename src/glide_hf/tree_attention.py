@@ -44,17 +44,47 @@ PREFIX_CHUNK_SLOTS = 1024
 
 @dataclass
 class TreeAttentionInputs:
-    """What the split attention needs about a verify forward, shared by every layer.
+    """What the split attention needs about a verify forward, computed once and shared by every layer
+    (`TreeAttentionInputs.build`).
 
-    `prefix_lengths` `[B]` int32: slots `0 .. length - 1` of each row hold its verified prefix;
-    `node_slots` `[B, N]` long: where each tree node's keys were written; `visible` `[B, N, N]` bool: node i sees
-    node j (j is i or an ancestor of i); `use_fused_kernel`: the prefix goes through torch's flash kernel.
+    `prefix_lengths` `[B]` int32: slots `0 .. length - 1` of each row hold its verified prefix; `node_slots` `[B, N]`
+    long: where each tree node's keys were written; `tree_bias` `[B, 1, 1, N, N]` fp32: 0 where node i sees node j
+    (j is i or an ancestor of i), -inf elsewhere; `use_fused_kernel`: the prefix goes through torch's flash kernel,
+    over `chunk_size`-slot chunks described by `key_starts` `[B * C + 1]`, `query_starts` `[B * C + 1]` and
+    `chunk_used` `[B, C]` (int32; see `_flash_prefix`).
     """
 
     prefix_lengths: torch.Tensor
     node_slots: torch.Tensor
-    visible: torch.Tensor
+    tree_bias: torch.Tensor
     use_fused_kernel: bool
+    chunk_size: int = 0
+    key_starts: torch.Tensor | None = None
+    query_starts: torch.Tensor | None = None
+    chunk_used: torch.Tensor | None = None
+
+    @classmethod
+    def build(
+        cls, prefix_lengths: torch.Tensor, node_slots: torch.Tensor, visible: torch.Tensor, num_slots: int,
+        use_fused_kernel: bool,
+    ) -> "TreeAttentionInputs":
+        """From each row's prefix length `[B]`, the nodes' slots `[B, N]`, their visibility `[B, N, N]` (bool) and
+        the slot cache's size."""
+        batch, num_nodes = node_slots.shape
+        device = node_slots.device
+        tree_bias = torch.zeros(visible.shape, device=device).masked_fill(~visible, float("-inf"))[:, None, None]
+        inputs = cls(prefix_lengths.to(torch.int32), node_slots, tree_bias, use_fused_kernel)
+        if use_fused_kernel:
+            chunk = min(PREFIX_CHUNK_SLOTS, num_slots)
+            num_chunks = -(-num_slots // chunk)
+            sequences = torch.arange(batch * num_chunks + 1, device=device, dtype=torch.int32)
+            # Sequence i = (row i // C, chunk i % C) starts at row * S + chunk * size; a row's last one is shorter.
+            inputs.key_starts = sequences // num_chunks * num_slots + sequences % num_chunks * chunk
+            inputs.query_starts = sequences * num_nodes
+            chunk_starts = torch.arange(num_chunks, device=device) * chunk
+            inputs.chunk_used = (prefix_lengths[:, None] - chunk_starts[None]).clamp(0, chunk).to(torch.int32)
+            inputs.chunk_size = chunk
+        return inputs
 
 
 def fused_prefix_kernel_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -70,46 +100,40 @@ def _varlen_flash_forward(*args, **kwargs):
     return torch.ops.aten._flash_attention_forward(*args, **kwargs)
 
 
-def _flash_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float):
-    """Attention of `query` `[B, Hq, N, D]` over the first `lengths[b]` slots of `key`/`value` `[B, Hkv, S, D]`.
+def _flash_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inputs: TreeAttentionInputs,
+                  scale: float):
+    """Attention of `query` `[B, Hq, N, D]` over the first `prefix_lengths[b]` slots of `key`/`value`
+    `[B, Hkv, S, D]`, per chunk: outputs `[B, C, Hq, N, D]` and log-sum-exps `[B, C, Hq, N]` (fp32, -inf for a
+    chunk without prefix keys), to be merged with `_merge`.
 
     The slot cache stores keys token-major (`[B, S, Hkv, D]` underneath the `[B, Hkv, S, D]` view), so the varlen
     kernel reads the buffer in place. Each row's slots are cut into chunks of `PREFIX_CHUNK_SLOTS`, each chunk a
     sequence of its own (`seqused_k` = how many of its slots hold the row's prefix) queried by all N nodes: a few
     queries over a long prefix would otherwise give the kernel one block per head, a fraction of the GPU's
-    multiprocessors (split-KV, as flash-decoding does). The chunks' results are merged by their log-sum-exp.
-    Returns the output `[B, Hq, N, D]` and the log-sum-exp `[B, Hq, N]`, both fp32.
+    multiprocessors (split-KV, as flash-decoding does).
     """
     batch, num_heads, num_queries, head_dim = query.shape
     num_slots = key.shape[2]
-    chunk = min(PREFIX_CHUNK_SLOTS, num_slots)
-    num_chunks = -(-num_slots // chunk)
-    sequences = torch.arange(batch * num_chunks + 1, device=query.device, dtype=torch.int32)
-    # Sequence i = (row i // C, chunk i % C) starts at row * S + chunk * size; the last one of a row is shorter.
-    key_starts = sequences // num_chunks * num_slots + sequences % num_chunks * chunk
-    chunk_starts = torch.arange(num_chunks, device=query.device) * chunk
-    used = (lengths[:, None] - chunk_starts[None]).clamp(0, chunk).to(torch.int32)  # [B, C]
+    num_chunks = inputs.chunk_used.shape[1]
     packed_query = (
         query.transpose(1, 2)[:, None].expand(-1, num_chunks, -1, -1, -1).reshape(-1, num_heads, head_dim)
     )
     packed_key = key.transpose(1, 2).reshape(batch * num_slots, key.shape[1], head_dim)  # a view: token-major
     packed_value = value.transpose(1, 2).reshape(batch * num_slots, value.shape[1], head_dim)
     output, lse, *_ = _varlen_flash_forward(
-        packed_query, packed_key, packed_value, sequences * num_queries, key_starts, num_queries, chunk,
-        0.0, False, False, scale=scale, seqused_k=used.flatten(),
+        packed_query, packed_key, packed_value, inputs.query_starts, inputs.key_starts, num_queries,
+        inputs.chunk_size, 0.0, False, False, scale=scale, seqused_k=inputs.chunk_used.flatten(),
     )
-    output = output.reshape(batch, num_chunks, num_queries, num_heads, head_dim).permute(0, 1, 3, 2, 4)
+    output = output.view(batch, num_chunks, num_queries, num_heads, head_dim).transpose(2, 3)
     # The varlen kernel's lse is [Hq, total queries]; a chunk without keys holds no probability mass.
-    lse = lse.reshape(num_heads, batch, num_chunks, num_queries).permute(1, 2, 0, 3).float()  # [B, C, Hq, N]
-    lse = lse.masked_fill((used == 0)[:, :, None, None], float("-inf"))
-    total = torch.logsumexp(lse, dim=1)  # finite: chunk 0 holds each row's first token
-    weights = torch.exp(lse - total[:, None])[..., None]
-    return (output.float() * weights).sum(dim=1), total
+    lse = lse.view(num_heads, batch, num_chunks, num_queries).permute(1, 2, 0, 3)  # [B, C, Hq, N]
+    return output, lse.masked_fill((inputs.chunk_used == 0)[:, :, None, None], float("-inf"))
 
 
 def _reference_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor,
                       scale: float):
-    """The same as `_flash_prefix` by explicit scores (any device and dtype)."""
+    """The prefix attention by explicit scores (any device and dtype): output `[B, Hq, N, D]` and log-sum-exp
+    `[B, Hq, N]`, fp32."""
     batch, num_heads, num_queries, head_dim = query.shape
     groups = num_heads // key.shape[1]
     grouped = query.reshape(batch, key.shape[1], groups * num_queries, head_dim).float()
@@ -126,20 +150,36 @@ def _reference_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def _tree_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inputs: TreeAttentionInputs,
                scale: float):
-    """Attention of the N node queries over the N node keys, each node seeing its ancestors and itself."""
+    """Attention of the N node queries over the N node keys, each node seeing its ancestors and itself: output
+    `[B, Hq, N, D]` and log-sum-exp `[B, Hq, N]`, fp32."""
     batch, num_heads, num_queries, head_dim = query.shape
     num_kv_heads = key.shape[1]
     index = inputs.node_slots[:, None, :, None].expand(-1, num_kv_heads, -1, head_dim)
     node_keys, node_values = key.gather(2, index).float(), value.gather(2, index).float()  # [B, Hkv, N, D]
     grouped = query.reshape(batch, num_kv_heads, num_heads // num_kv_heads, num_queries, head_dim).float()
-    scores = grouped @ node_keys[:, :, None].transpose(-1, -2) * scale  # [B, Hkv, G, N, N]
-    scores = scores.masked_fill(~inputs.visible[:, None, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    output = torch.softmax(scores, dim=-1) @ node_values[:, :, None]
+    scores = torch.matmul(grouped * scale, node_keys[:, :, None].transpose(-1, -2)) + inputs.tree_bias
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, N]; finite: every node sees itself
+    output = torch.exp(scores - lse[..., None]) @ node_values[:, :, None]
     return (
         output.reshape(batch, num_heads, num_queries, head_dim),
         lse.reshape(batch, num_heads, num_queries),
     )
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax over the union of disjoint key sets from each part's output `[B, P, Hq, N, D]` and log-sum-exp
+    `[B, P, Hq, N]`: `out = sum_p out_p * exp(lse_p - lse)`, `lse = logsumexp_p lse_p`. Returns fp32
+    `[B, Hq, N, D]` and `[B, Hq, N]`."""
+    lses = torch.cat([lse for _, lse in parts], dim=1)
+    total = torch.logsumexp(lses, dim=1)
+    weights = torch.exp(lses - total[:, None])[..., None]  # a part without keys (-inf) weighs 0
+    output, start = None, 0
+    for part_output, part_lse in parts:
+        count = part_lse.shape[1]
+        weighted = (part_output.float() * weights[:, start : start + count]).sum(dim=1)
+        output = weighted if output is None else output + weighted
+        start += count
+    return output, total
 
 
 def tree_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -152,13 +192,13 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    prefix = _flash_prefix if inputs.use_fused_kernel else _reference_prefix
-    prefix_output, prefix_lse = prefix(query, key, value, inputs.prefix_lengths, scale)
+    if inputs.use_fused_kernel:
+        prefix = _flash_prefix(query, key, value, inputs, scale)
+    else:
+        prefix_output, prefix_lse = _reference_prefix(query, key, value, inputs.prefix_lengths, scale)
+        prefix = (prefix_output[:, None], prefix_lse[:, None])
     tree_output, tree_lse = _tree_part(query, key, value, inputs, scale)
-    lse = torch.logaddexp(prefix_lse, tree_lse)  # the tree part always holds the node itself: finite
-    output = prefix_output.float() * torch.exp(prefix_lse - lse)[..., None] + tree_output * torch.exp(
-        tree_lse - lse
-    )[..., None]
+    output, _ = _merge([prefix, (tree_output[:, None], tree_lse[:, None])])
     return output.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
