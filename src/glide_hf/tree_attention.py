@@ -124,9 +124,9 @@ def _flash_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, i
         packed_query, packed_key, packed_value, inputs.query_starts, inputs.key_starts, num_queries,
         inputs.chunk_size, 0.0, False, False, scale=scale, seqused_k=inputs.chunk_used.flatten(),
     )
-    output = output.view(batch, num_chunks, num_queries, num_heads, head_dim).transpose(2, 3)
+    output = output.reshape(batch, num_chunks, num_queries, num_heads, head_dim).transpose(2, 3)
     # The varlen kernel's lse is [Hq, total queries]; a chunk without keys holds no probability mass.
-    lse = lse.view(num_heads, batch, num_chunks, num_queries).permute(1, 2, 0, 3)  # [B, C, Hq, N]
+    lse = lse.reshape(num_heads, batch, num_chunks, num_queries).permute(1, 2, 0, 3)  # [B, C, Hq, N]
     return output, lse.masked_fill((inputs.chunk_used == 0)[:, :, None, None], float("-inf"))
 
 
