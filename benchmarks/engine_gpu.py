@@ -33,12 +33,31 @@ from glide_hf.tree_attention import TreeAttentionInputs, fused_prefix_kernel_ava
 
 # `--tiny` runs the whole script on the CPU with a small model, to check it before spending GPU time.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=40000, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=40000,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 LLAMA3_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-    pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
 
 
@@ -100,8 +119,13 @@ def engine_tokens_per_second(draft, prompt, new_tokens: int, **kwargs) -> tuple[
 
     def run():
         outputs["out"] = glide_generate(
-            draft, prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-            return_dict_in_generate=True, **kwargs,
+            draft,
+            prompt,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            return_dict_in_generate=True,
+            **kwargs,
         )
 
     seconds = cuda_time(run, repeats=3, warmup=1)
@@ -140,8 +164,11 @@ def step_times(target, draft, context: int) -> dict:
         draft.set_draft_vocabulary(None)
         call.draft_vocab_ids, call.draft_head_weight, call.draft_head_bias = full_head
         slots = call.target_cache.num_slots
-        fused = fused_prefix_kernel_available(ring.layers[0].keys.device, call.target_cache.layers[0].keys.dtype,
-                                              call.target_cache.layers[0].keys.shape[-1])
+        fused = fused_prefix_kernel_available(
+            ring.layers[0].keys.device,
+            call.target_cache.layers[0].keys.dtype,
+            call.target_cache.layers[0].keys.shape[-1],
+        )
         results["split_prefix_kernel"] = "flash varlen" if fused else "reference"
         for nodes in (1, 8, 32, 64):
             tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
@@ -154,8 +181,14 @@ def step_times(target, draft, context: int) -> dict:
             )
 
             def verify(tokens=tokens, positions=positions, mask=mask, nodes=nodes):
-                target(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=call.target_cache,
-                       use_cache=True, logits_to_keep=nodes)
+                target(
+                    input_ids=tokens,
+                    position_ids=positions,
+                    attention_mask=mask,
+                    cache=call.target_cache,
+                    use_cache=True,
+                    logits_to_keep=nodes,
+                )
 
             results[f"verify_{nodes}_ms"] = 1000 * cuda_time(verify, repeats=10, warmup=2)
             results[f"verify_{nodes}_graph_ms"] = 1000 * graph_time(verify, repeats=10)
@@ -165,8 +198,15 @@ def step_times(target, draft, context: int) -> dict:
                 # Built inside the timed step: the engine builds these once per verify forward too.
                 tree = TreeAttentionInputs.build(rows.lengths, positions, visible, slots, fused)
                 with using_tree_attention(target.config):
-                    target(input_ids=tokens, position_ids=positions, attention_mask=visible[:, None],
-                           cache=call.target_cache, use_cache=True, logits_to_keep=nodes, glide_tree=tree)
+                    target(
+                        input_ids=tokens,
+                        position_ids=positions,
+                        attention_mask=visible[:, None],
+                        cache=call.target_cache,
+                        use_cache=True,
+                        logits_to_keep=nodes,
+                        glide_tree=tree,
+                    )
 
             results[f"split_{nodes}_ms"] = 1000 * cuda_time(split, repeats=10, warmup=2)
             results[f"split_{nodes}_graph_ms"] = 1000 * graph_time(split, repeats=10)
@@ -183,19 +223,39 @@ def split_agrees_with_masked(draft, prompt, new_tokens: int) -> dict:
     Not an exactness test: two bf16 attention kernels round differently, so a near-tie may flip a token."""
     with torch.no_grad():
         outputs = {
-            attention: draft.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                                      draft_strategy="tree", tree_widths=(4, 8, 8, 8), verify_attention=attention)
+            attention: draft.generate(
+                prompt,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                draft_strategy="tree",
+                tree_widths=(4, 8, 8, 8),
+                verify_attention=attention,
+            )
             for attention in ("split", "masked")
         }
-    split, masked = (outputs[name][0, prompt.shape[1]:] for name in ("split", "masked"))
+    split, masked = (outputs[name][0, prompt.shape[1] :] for name in ("split", "masked"))
     differ = (split != masked).nonzero()
-    return {"bf16_split_vs_masked_first_difference": int(differ[0, 0]) if differ.numel() else None,
-            "bf16_split_vs_masked_tokens": int(split.numel())}
+    return {
+        "bf16_split_vs_masked_first_difference": int(differ[0, 0]) if differ.numel() else None,
+        "bf16_split_vs_masked_tokens": int(split.numel()),
+    }
 
 
 def long_context_exactness(context: int, new_tokens: int, tiny: bool) -> dict:
-    fields = TINY if tiny else dict(LLAMA3_8B, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
-                                    num_attention_heads=8, num_key_value_heads=2, vocab_size=4096)
+    fields = (
+        TINY
+        if tiny
+        else dict(
+            LLAMA3_8B,
+            hidden_size=1024,
+            intermediate_size=2048,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=4096,
+        )
+    )
     target, draft = build(fields, torch.float32, sliding_window=64)
     prompt = prompt_of(context, vocab=fields["vocab_size"])
     with torch.no_grad():
@@ -203,8 +263,15 @@ def long_context_exactness(context: int, new_tokens: int, tiny: bool) -> dict:
         results = {}
         for strategy, kwargs in (("chain", {}), ("tree", {"tree_widths": (4, 8, 8, 8)})):
             for attention in ("masked", "split"):
-                got = draft.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                                     draft_strategy=strategy, verify_attention=attention, **kwargs)
+                got = draft.generate(
+                    prompt,
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    draft_strategy=strategy,
+                    verify_attention=attention,
+                    **kwargs,
+                )
                 results[f"greedy_identical_{strategy}_{attention}_{context}"] = bool(torch.equal(expected, got))
     del target, draft
     torch.cuda.empty_cache()
@@ -224,8 +291,7 @@ def main() -> int:
     import transformers
 
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    results = {"device": device_name, "torch": torch.__version__,
-               "transformers": transformers.__version__}
+    results = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__}
     if not args.skip_long:
         results.update(long_context_exactness(long_context, 32, args.tiny))
     target, draft = build(model_fields, torch.float32 if args.tiny else torch.bfloat16)
@@ -238,8 +304,9 @@ def main() -> int:
         results[f"steps_{context}"] = step_times(target, draft, context)
     results["draft_cache_bytes_long"] = step_times(target, draft, long_context)["draft_cache_bytes"]
     for accepted in (1, 2, 3, 3.5, 4, 5):
-        tok_s, tau = engine_tokens_per_second(draft, prompt, args.new_tokens, num_draft_tokens=5,
-                                              forced_acceptance=accepted)
+        tok_s, tau = engine_tokens_per_second(
+            draft, prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=accepted
+        )
         results[f"engine_forced_{accepted}_tok_s"] = tok_s
         results[f"engine_forced_{accepted}_tau"] = tau
     results["engine_forced_3_split_tok_s"] = engine_tokens_per_second(
@@ -266,31 +333,48 @@ def main() -> int:
     print(json.dumps(results, indent=1))
     one = {c: results[f"steps_{c}"] for c in contexts}
     print(f"\n{results['device']} | torch {results['torch']} | transformers {results['transformers']}")
-    print(f"vanilla generate: dynamic {results['vanilla_dynamic_tok_s']:.1f} tok/s, "
-          f"static {results['vanilla_static_tok_s']:.1f} tok/s")
+    print(
+        f"vanilla generate: dynamic {results['vanilla_dynamic_tok_s']:.1f} tok/s, "
+        f"static {results['vanilla_static_tok_s']:.1f} tok/s"
+    )
     for context, steps in one.items():
         for kind in ("", "_graph"):
             draft_ms = steps[f"draft_step{kind}_ms"]
             for attention in ("split", "verify"):
                 base = steps[f"{attention}_1{kind}_ms"]
-                print(f"ctx {context:>6} {'graphs' if kind else 'eager':>6} "
-                      f"{'split' if attention == 'split' else 'masked':>6}: target 1-token {base:.2f} ms | draft "
-                      f"{draft_ms:.2f} ms ({100 * draft_ms / base:.1f}%) | verify 8/32/64 nodes "
-                      + " / ".join(f"{steps[f'{attention}_{n}{kind}_ms'] / base:.2f}x" for n in (8, 32, 64)))
-    print("draft step over a quarter of the vocabulary (graphs): "
-          + ", ".join(f"{c}: {s['draft_step_quarter_vocab_graph_ms']:.2f} ms" for c, s in one.items()))
-    print(f"draft cache: {one[contexts[0]]['draft_cache_bytes']} B at {contexts[0]} tokens, "
-          f"{results['draft_cache_bytes_long']} B at {long_context}")
-    print(f"engine forced 3 without CUDA graphs: {results['engine_forced_3_eager_tok_s']:.1f} tok/s; "
-          f"with split verification: {results['engine_forced_3_split_tok_s']:.1f} tok/s")
-    print(f"{long_prompt.shape[1]}-token prompt, 64 new tokens: vanilla dynamic "
-          f"{results['long_vanilla_dynamic_tok_s']:.1f} tok/s; engine forced 3, split "
-          f"{results['long_engine_forced_3_split_tok_s']:.1f} / masked "
-          f"{results['long_engine_forced_3_masked_tok_s']:.1f}")
-    print(f"bf16 greedy, split vs masked verification: first difference at token "
-          f"{results['bf16_split_vs_masked_first_difference']} of {results['bf16_split_vs_masked_tokens']}")
-    print("engine (FORCED acceptance, benchmark only): "
-          + ", ".join(f"{k}: {results[f'engine_forced_{k}_tok_s']:.1f}" for k in (1, 2, 3, 3.5, 4, 5)) + " tok/s")
+                print(
+                    f"ctx {context:>6} {'graphs' if kind else 'eager':>6} "
+                    f"{'split' if attention == 'split' else 'masked':>6}: target 1-token {base:.2f} ms | draft "
+                    f"{draft_ms:.2f} ms ({100 * draft_ms / base:.1f}%) | verify 8/32/64 nodes "
+                    + " / ".join(f"{steps[f'{attention}_{n}{kind}_ms'] / base:.2f}x" for n in (8, 32, 64))
+                )
+    print(
+        "draft step over a quarter of the vocabulary (graphs): "
+        + ", ".join(f"{c}: {s['draft_step_quarter_vocab_graph_ms']:.2f} ms" for c, s in one.items())
+    )
+    print(
+        f"draft cache: {one[contexts[0]]['draft_cache_bytes']} B at {contexts[0]} tokens, "
+        f"{results['draft_cache_bytes_long']} B at {long_context}"
+    )
+    print(
+        f"engine forced 3 without CUDA graphs: {results['engine_forced_3_eager_tok_s']:.1f} tok/s; "
+        f"with split verification: {results['engine_forced_3_split_tok_s']:.1f} tok/s"
+    )
+    print(
+        f"{long_prompt.shape[1]}-token prompt, 64 new tokens: vanilla dynamic "
+        f"{results['long_vanilla_dynamic_tok_s']:.1f} tok/s; engine forced 3, split "
+        f"{results['long_engine_forced_3_split_tok_s']:.1f} / masked "
+        f"{results['long_engine_forced_3_masked_tok_s']:.1f}"
+    )
+    print(
+        f"bf16 greedy, split vs masked verification: first difference at token "
+        f"{results['bf16_split_vs_masked_first_difference']} of {results['bf16_split_vs_masked_tokens']}"
+    )
+    print(
+        "engine (FORCED acceptance, benchmark only): "
+        + ", ".join(f"{k}: {results[f'engine_forced_{k}_tok_s']:.1f}" for k in (1, 2, 3, 3.5, 4, 5))
+        + " tok/s"
+    )
     batches = [
         f"B={b}: {results[f'batch_{b}_vanilla_tok_s']:.0f} / {results[f'batch_{b}_engine_forced3_tok_s']:.0f}"
         for b in (1, 4, 16)

@@ -15,8 +15,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from glide_hf import GlideForCausalLM
 
 LLAMA3_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
     rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
 
@@ -65,8 +71,15 @@ def main() -> int:
                 base = torch.cuda.memory_allocated()
                 seconds = timed(step, args.repeats)
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-                rows.append(dict(seq_len=seq_len, loss=implementation, tokens_per_s=seq_len / seconds,
-                                 step_ms=1000 * seconds, peak_extra_gib=peak))
+                rows.append(
+                    dict(
+                        seq_len=seq_len,
+                        loss=implementation,
+                        tokens_per_s=seq_len / seconds,
+                        step_ms=1000 * seconds,
+                        peak_extra_gib=peak,
+                    )
+                )
             except Exception as error:  # report and go on: one failing variant must not hide the others
                 rows.append(dict(seq_len=seq_len, loss=implementation, error=f"{type(error).__name__}: {error}"))
             torch.cuda.empty_cache()
@@ -79,8 +92,9 @@ def main() -> int:
         token = prompt[:, -1:]
         target_ms = 1000 * timed(lambda: (target(token, cache=cache, use_cache=True), cache.crop(-1)), 10)
         draft_ms = 1000 * timed(lambda: draft(token, target_cache=cache), 10)
-    results["decode"] = dict(context=1024, target_step_ms=target_ms, draft_step_ms=draft_ms,
-                             draft_over_target=draft_ms / target_ms)
+    results["decode"] = dict(
+        context=1024, target_step_ms=target_ms, draft_step_ms=draft_ms, draft_over_target=draft_ms / target_ms
+    )
     with open(os.path.join(args.out, "gpu_core.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     print(f"{results['device']} | torch {results['torch']} | transformers {results['transformers']}")
@@ -89,11 +103,15 @@ def main() -> int:
         if "error" in row:
             print(f"{row['seq_len']:>6} {row['loss']:>8} {row['error'][:80]}")
         else:
-            print(f"{row['seq_len']:>6} {row['loss']:>8} {row['tokens_per_s']:>10.0f} {row['step_ms']:>9.1f} "
-                  f"{row['peak_extra_gib']:>9.2f}")
+            print(
+                f"{row['seq_len']:>6} {row['loss']:>8} {row['tokens_per_s']:>10.0f} {row['step_ms']:>9.1f} "
+                f"{row['peak_extra_gib']:>9.2f}"
+            )
     decode = results["decode"]
-    print(f"decode @1k: target step {decode['target_step_ms']:.2f} ms, draft step {decode['draft_step_ms']:.2f} ms "
-          f"({100 * decode['draft_over_target']:.1f}%) [eager PyTorch, no CUDA graphs]")
+    print(
+        f"decode @1k: target step {decode['target_step_ms']:.2f} ms, draft step {decode['draft_step_ms']:.2f} ms "
+        f"({100 * decode['draft_over_target']:.1f}%) [eager PyTorch, no CUDA graphs]"
+    )
     return 0
 
 

@@ -37,8 +37,11 @@ def build_agreeing_pair():
             layer.mlp.down_proj.weight.zero_()
     draft = build_draft(target, sliding_window=4)
     with torch.no_grad():
-        for module in (draft.model.layer.self_attn.o_proj, draft.model.layer.cross_attn.o_proj,
-                       draft.model.layer.mlp.down_proj):
+        for module in (
+            draft.model.layer.self_attn.o_proj,
+            draft.model.layer.cross_attn.o_proj,
+            draft.model.layer.mlp.down_proj,
+        ):
             module.weight.zero_()
         draft.model.norm.weight.copy_(target.model.norm.weight)
     return target, draft

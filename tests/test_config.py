@@ -8,9 +8,17 @@ from glide_hf import GlideConfig, GlideConfigError, TargetMismatchError
 
 
 def llama_config(**overrides):
-    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                  rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0})
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0},
+    )
     fields.update(overrides)
     return LlamaConfig(**fields)
 
@@ -18,7 +26,10 @@ def llama_config(**overrides):
 def test_draft_shape_is_derived_from_the_target():
     config = GlideConfig(target_config=llama_config())
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (
-        64, 4, 2, 16,
+        64,
+        4,
+        2,
+        16,
     )
     assert (config.intermediate_size, config.vocab_size, config.max_position_embeddings) == (128, 300, 4096)
     assert config.rms_norm_eps == 1e-5
@@ -39,8 +50,16 @@ def test_config_round_trips_through_a_dict_with_its_target():
 
 
 def test_qwen2_target_config_is_restored_as_qwen2():
-    config = GlideConfig(target_config=Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=300))
+    config = GlideConfig(
+        target_config=Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=300,
+        )
+    )
     assert isinstance(GlideConfig.from_dict(config.to_dict()).target_config, Qwen2Config)
 
 
@@ -94,8 +113,13 @@ def test_more_than_one_draft_layer_is_rejected():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("hidden_size", 32), ("num_attention_heads", 8), ("num_key_value_heads", 4), ("head_dim", 8),
-     ("vocab_size", 301)],
+    [
+        ("hidden_size", 32),
+        ("num_attention_heads", 8),
+        ("num_key_value_heads", 4),
+        ("head_dim", 8),
+        ("vocab_size", 301),
+    ],
 )
 def test_shape_keys_that_contradict_the_target_name_both_values(field, value):
     expected = str(getattr(GlideConfig(target_config=llama_config()), field))

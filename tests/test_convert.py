@@ -32,7 +32,10 @@ FAMILIES = ("llama", "qwen2")
 # LongSpec's flash-attention `window_size=(512, -1)`: each query sees this many previous tokens, plus itself.
 LONGSPEC_PREVIOUS_TOKENS = 512
 UNUSED_TENSORS = (
-    "cross_attn.k_proj.weight", "cross_attn.k_proj.bias", "cross_attn.v_proj.weight", "cross_attn.v_proj.bias"
+    "cross_attn.k_proj.weight",
+    "cross_attn.k_proj.bias",
+    "cross_attn.v_proj.weight",
+    "cross_attn.v_proj.bias",
 )
 # fp32 reference and draft differ in summation order only (sdpa vs matmul + softmax, fused vs separate RMSNorm).
 ATOL = 1e-5
@@ -219,8 +222,11 @@ def test_cached_drafting_steps_equal_longspec_reference(family, make_target, tmp
             if position > 0:
                 target(input_ids[:, :position], cache=target_cache, use_cache=True)
             output = draft(
-                input_ids=input_ids[:, position : position + 1], position_ids=torch.tensor([[position]]),
-                cache=draft_cache, use_cache=True, target_cache=target_cache,
+                input_ids=input_ids[:, position : position + 1],
+                position_ids=torch.tensor([[position]]),
+                cache=draft_cache,
+                use_cache=True,
+                target_cache=target_cache,
             )
             draft_cache = output.cache
             steps.append(output.logits)
@@ -495,8 +501,10 @@ def test_target_by_path_is_loaded_and_named_in_the_config(tiny_qwen2_path, make_
     assert draft.config.target_name_or_path == tiny_qwen2_path
     input_ids = random_ids(1, 8)
     torch.testing.assert_close(
-        draft_logits(draft, input_ids), longspec_reference_logits(weights, target, input_ids, lag=1),
-        atol=ATOL, rtol=0,
+        draft_logits(draft, input_ids),
+        longspec_reference_logits(weights, target, input_ids, lag=1),
+        atol=ATOL,
+        rtol=0,
     )
 
 
@@ -545,13 +553,21 @@ def test_output_dir_saves_a_draft_that_loads_with_equal_logits(make_target, tmp_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cli_converts_and_the_saved_draft_loads_with_equal_logits(family, make_target, tiny_target_paths, tmp_path,
-                                                                  capsys):
+def test_cli_converts_and_the_saved_draft_loads_with_equal_logits(
+    family, make_target, tiny_target_paths, tmp_path, capsys
+):
     target = make_target(family)
     checkpoint = write_checkpoint(tmp_path / "longspec", random_longspec_weights(target.config), target.config)
     output = tmp_path / "glide"
-    argv = ["convert-longspec", "--checkpoint", str(checkpoint), "--target", tiny_target_paths[family],
-            "--output", str(output)]
+    argv = [
+        "convert-longspec",
+        "--checkpoint",
+        str(checkpoint),
+        "--target",
+        tiny_target_paths[family],
+        "--output",
+        str(output),
+    ]
     assert cli_main(argv) == 0
     summary = capsys.readouterr().out.strip().splitlines()
     assert len(summary) == 1
@@ -569,22 +585,40 @@ def test_cli_draft_loads_its_target_from_the_config(make_target, tiny_llama_path
     target = make_target("llama")
     weights = random_longspec_weights(target.config)
     checkpoint = write_checkpoint(tmp_path / "longspec", weights, target.config, "pth_file")
-    argv = ["convert-longspec", "--checkpoint", str(checkpoint), "--target", tiny_llama_path,
-            "--output", str(tmp_path / "glide")]
+    argv = [
+        "convert-longspec",
+        "--checkpoint",
+        str(checkpoint),
+        "--target",
+        tiny_llama_path,
+        "--output",
+        str(tmp_path / "glide"),
+    ]
     assert cli_main(argv) == 0
     draft = GlideForCausalLM.from_pretrained(tmp_path / "glide")
     input_ids = random_ids(1, 9)
     torch.testing.assert_close(
-        draft_logits(draft, input_ids), longspec_reference_logits(weights, target, input_ids, lag=1),
-        atol=ATOL, rtol=0,
+        draft_logits(draft, input_ids),
+        longspec_reference_logits(weights, target, input_ids, lag=1),
+        atol=ATOL,
+        rtol=0,
     )
 
 
 def test_cli_dtype_flag_sets_the_saved_dtype(make_target, tiny_llama_path, tmp_path, capsys):
     target = make_target("llama")
     checkpoint = write_checkpoint(tmp_path / "longspec", random_longspec_weights(target.config), target.config)
-    argv = ["convert-longspec", "--checkpoint", str(checkpoint), "--target", tiny_llama_path,
-            "--output", str(tmp_path / "glide"), "--dtype", "bfloat16"]
+    argv = [
+        "convert-longspec",
+        "--checkpoint",
+        str(checkpoint),
+        "--target",
+        tiny_llama_path,
+        "--output",
+        str(tmp_path / "glide"),
+        "--dtype",
+        "bfloat16",
+    ]
     assert cli_main(argv) == 0
     assert "(bfloat16)" in capsys.readouterr().out
     assert {t.dtype for t in load_file(tmp_path / "glide" / "model.safetensors").values()} == {torch.bfloat16}
@@ -593,8 +627,15 @@ def test_cli_dtype_flag_sets_the_saved_dtype(make_target, tiny_llama_path, tmp_p
 def test_cli_refuses_to_write_into_the_checkpoint_folder(make_target, tiny_llama_path, tmp_path, capsys):
     target = make_target("llama")
     checkpoint = write_checkpoint(tmp_path / "longspec", random_longspec_weights(target.config), target.config)
-    argv = ["convert-longspec", "--checkpoint", str(checkpoint / "model.safetensors"), "--target", tiny_llama_path,
-            "--output", str(checkpoint)]
+    argv = [
+        "convert-longspec",
+        "--checkpoint",
+        str(checkpoint / "model.safetensors"),
+        "--target",
+        tiny_llama_path,
+        "--output",
+        str(checkpoint),
+    ]
     with pytest.raises(SystemExit) as exit_info:
         cli_main(argv)
     assert exit_info.value.code == 2
@@ -613,8 +654,15 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(make_target, tiny_llama_path, 
     weights = random_longspec_weights(target.config)
     del weights["mlp.down_proj.weight"]
     checkpoint = write_checkpoint(tmp_path / "longspec", weights, target.config)
-    argv = ["convert-longspec", "--checkpoint", str(checkpoint), "--target", tiny_llama_path,
-            "--output", str(tmp_path / "glide")]
+    argv = [
+        "convert-longspec",
+        "--checkpoint",
+        str(checkpoint),
+        "--target",
+        tiny_llama_path,
+        "--output",
+        str(tmp_path / "glide"),
+    ]
     assert cli_main(argv) == 1
     # The last line: Transformers' progress bar for loading the target may come first.
     error = capsys.readouterr().err.strip().splitlines()[-1]

@@ -299,8 +299,18 @@ def test_cli_writes_what_the_function_writes(target_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "in.jsonl", CHAT_RECORDS)
     run(target_dir, data, tmp_path / "expected.jsonl")
     argv = [
-        "distill-data", "--target", target_dir, "--data", data, "--output", str(tmp_path / "out.jsonl"),
-        "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", str(BATCH_SIZE), "--no-resume",
+        "distill-data",
+        "--target",
+        target_dir,
+        "--data",
+        data,
+        "--output",
+        str(tmp_path / "out.jsonl"),
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--batch-size",
+        str(BATCH_SIZE),
+        "--no-resume",
     ]
     assert cli_main(argv) == 0
     assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "expected.jsonl").read_bytes()

@@ -45,8 +45,9 @@ def test_sampling_with_a_draft_vocabulary_follows_the_target_distribution(strate
     target, draft, prompt, exact = _two_token_setup()
     draft.set_draft_vocabulary([0, 2, 3, 5, 7])
     torch.manual_seed(0)
-    out = draft.generate(prompt.repeat(4000, 1), max_new_tokens=2, do_sample=True, pad_token_id=0,
-                         **STRATEGIES[strategy])
+    out = draft.generate(
+        prompt.repeat(4000, 1), max_new_tokens=2, do_sample=True, pad_token_id=0, **STRATEGIES[strategy]
+    )
     counts = torch.zeros(8, 8)
     counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
     assert _chi_square(counts, exact) < CHI2_CRITICAL_63_DOF
@@ -117,8 +118,19 @@ def test_draft_vocab_command_saves_the_most_frequent_tokens(target_dir, tmp_path
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"text": "aaaa bbbbbb c"}) for _ in range(3)) + "\n")
     size = len(specials) + 2  # the special tokens, then the two most frequent characters
-    status = cli_main(["draft-vocab", "--draft", str(tmp_path / "draft"), "--data", str(data), "--size", str(size),
-                       "--output", str(tmp_path / "out")])
+    status = cli_main(
+        [
+            "draft-vocab",
+            "--draft",
+            str(tmp_path / "draft"),
+            "--data",
+            str(data),
+            "--size",
+            str(size),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert status == 0
     assert "covering" in capsys.readouterr().out
     loaded = GlideForCausalLM.from_pretrained(tmp_path / "out", target_kwargs={"device_map": "meta"})

@@ -73,8 +73,9 @@ def test_end_of_sequence_stops_one_row_and_not_the_others():
     try:
         assert_rows_equal_single_generation(target, draft, prompts, 30, **STRATEGIES["chain"])
         ids, mask = left_pad(prompts)
-        out = draft.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
-                             return_dict_in_generate=True)
+        out = draft.generate(
+            ids, attention_mask=mask, max_new_tokens=30, do_sample=False, return_dict_in_generate=True
+        )
     finally:
         target.generation_config.eos_token_id = 2
     first_eos = int((free == eos).nonzero()[0])
@@ -98,8 +99,9 @@ def test_return_dict_reports_acceptance_statistics():
     target = build_target()
     draft = build_draft(target)
     ids, mask = left_pad([random_ids(1, 6, seed=1)[0], random_ids(1, 4, seed=2)[0]])
-    out = draft.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                         return_dict_in_generate=True)
+    out = draft.generate(
+        ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None, return_dict_in_generate=True
+    )
     assert isinstance(out, GlideGenerateOutput)
     assert out.accepted_per_round.shape == (out.num_rounds, 2)
     assert out.num_target_forwards == out.num_rounds + 1
@@ -112,8 +114,9 @@ def test_return_dict_reports_acceptance_statistics():
 def test_agreeing_draft_accepts_every_drafted_token():
     target, draft = build_agreeing_pair()
     prompt = random_ids(1, 6)
-    out = draft.generate(prompt, max_new_tokens=31, do_sample=False, eos_token_id=None,
-                         return_dict_in_generate=True, num_draft_tokens=5)
+    out = draft.generate(
+        prompt, max_new_tokens=31, do_sample=False, eos_token_id=None, return_dict_in_generate=True, num_draft_tokens=5
+    )
     assert torch.equal(out.sequences, target.generate(prompt, max_new_tokens=31, do_sample=False, eos_token_id=None))
     assert out.accepted_per_round[:-1].eq(5).all()
     assert out.tokens_per_target_forward > 5
@@ -162,8 +165,9 @@ def test_sampling_follows_the_target_distribution(strategy):
     """Chi-square over the 64 cells of the first two tokens, 4000 rows in one batch (fixed seed, alpha 0.001)."""
     target, draft, prompt, exact = _two_token_setup()
     torch.manual_seed(0)
-    out = draft.generate(prompt.repeat(4000, 1), max_new_tokens=2, do_sample=True, pad_token_id=0,
-                         **STRATEGIES[strategy])
+    out = draft.generate(
+        prompt.repeat(4000, 1), max_new_tokens=2, do_sample=True, pad_token_id=0, **STRATEGIES[strategy]
+    )
     counts = torch.zeros(8, 8)
     counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
     assert _chi_square(counts, exact) < CHI2_CRITICAL_63_DOF
@@ -173,8 +177,15 @@ def test_the_sampling_test_rejects_a_sampler_that_trusts_the_draft():
     """Negative control: forcing acceptance of every drafted token (a benchmark-only switch) must fail the test."""
     target, draft, prompt, exact = _two_token_setup()
     torch.manual_seed(0)
-    out = draft.generate(prompt.repeat(4000, 1), max_new_tokens=2, do_sample=True, pad_token_id=0,
-                         draft_strategy="chain", num_draft_tokens=1, forced_acceptance=1)
+    out = draft.generate(
+        prompt.repeat(4000, 1),
+        max_new_tokens=2,
+        do_sample=True,
+        pad_token_id=0,
+        draft_strategy="chain",
+        num_draft_tokens=1,
+        forced_acceptance=1,
+    )
     counts = torch.zeros(8, 8)
     counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
     assert _chi_square(counts, exact) > CHI2_CRITICAL_63_DOF
@@ -384,8 +395,8 @@ def test_split_verify_attention_equals_the_masked_attention_output():
 
     slot = torch.arange(slots)[None, None, :]
     offset = slot - lengths[:, None, None]  # [B, 1, S]
-    tree_visible = visible.gather(2, offset.clamp(0, nodes - 1).expand(-1, nodes, -1)) & (offset >= 0) & (
-        offset < nodes
+    tree_visible = (
+        visible.gather(2, offset.clamp(0, nodes - 1).expand(-1, nodes, -1)) & (offset >= 0) & (offset < nodes)
     )
     mask = ((offset < 0) | tree_visible)[:, None]  # [B, 1, N, S]
     expected = torch.nn.functional.scaled_dot_product_attention(
@@ -410,8 +421,9 @@ def test_split_verify_attention_rejects_sliding_window_targets_and_unknown_modes
         draft.generate(prompt, max_new_tokens=4, do_sample=False, verify_attention="fast")
 
 
-def _varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout, causal, debug, *, scale,
-                      seqused_k):
+def _varlen_reference(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout, causal, debug, *, scale, seqused_k
+):
     """What torch's varlen flash kernel computes (output, lse `[H, total_q]`), in plain torch, for the CPU."""
     groups = query.shape[1] // key.shape[1]
     output = torch.zeros_like(query)
@@ -458,7 +470,14 @@ def test_fractional_forced_acceptance_alternates_to_the_requested_average():
     """Benchmark-only switch: 2.5 accepted drafts per round means rounds of 2 and 3, in that order."""
     target = build_target()
     draft = build_draft(target)
-    out = draft.generate(random_ids(1, 6), max_new_tokens=40, do_sample=False, eos_token_id=None,
-                         num_draft_tokens=5, forced_acceptance=2.5, return_dict_in_generate=True)
+    out = draft.generate(
+        random_ids(1, 6),
+        max_new_tokens=40,
+        do_sample=False,
+        eos_token_id=None,
+        num_draft_tokens=5,
+        forced_acceptance=2.5,
+        return_dict_in_generate=True,
+    )
     accepted = [int(round_accepted[0]) for round_accepted in out.accepted_per_round]
     assert accepted[:6] == [2, 3, 2, 3, 2, 3]

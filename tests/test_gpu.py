@@ -44,9 +44,7 @@ def test_trainer_trains_with_liger_on_a_bfloat16_target(tmp_path, monkeypatch):
 
     calls = []
     original = loss_module._liger_sum_cross_entropy
-    monkeypatch.setattr(
-        loss_module, "_liger_sum_cross_entropy", lambda *a: calls.append(1) or original(*a)
-    )
+    monkeypatch.setattr(loss_module, "_liger_sum_cross_entropy", lambda *a: calls.append(1) or original(*a))
     target = build_target().to("cuda", torch.bfloat16)
     draft = build_draft(target).cuda().train()
     # A learnable corpus: each row counts upwards from a random start.
@@ -54,8 +52,15 @@ def test_trainer_trains_with_liger_on_a_bfloat16_target(tmp_path, monkeypatch):
     rows = (starts + torch.arange(32)).tolist()
     dataset = [{"input_ids": row, "labels": row} for row in rows]
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3,
-        logging_steps=10, save_steps=60, report_to=[], bf16=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=60,
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        logging_steps=10,
+        save_steps=60,
+        report_to=[],
+        bf16=True,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=draft, args=args, train_dataset=dataset)
     trainer.train()
@@ -146,6 +151,7 @@ def test_engine_verifies_with_the_fused_prefix_kernel_on_cuda(monkeypatch):
     target = build_target().to("cuda", torch.bfloat16)
     draft = build_draft(target).to("cuda", torch.bfloat16)
     prompt = random_ids(2, 24).cuda()
-    out = draft.generate(prompt, max_new_tokens=16, do_sample=False, draft_strategy="tree", tree_widths=(2, 3),
-                         split_verify_min_slots=0)
+    out = draft.generate(
+        prompt, max_new_tokens=16, do_sample=False, draft_strategy="tree", tree_widths=(2, 3), split_verify_min_slots=0
+    )
     assert out.shape[0] == 2 and out.shape[1] > 24 and calls

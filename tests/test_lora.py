@@ -24,15 +24,11 @@ MAX_NEW_TOKENS = 16
 
 
 def draft_linear_names(prefix: str = "model.") -> set[str]:
-    return {
-        f"{prefix}layer.{group}.{name}" for group, names in DRAFT_LORA_MODULES.items() for name in names
-    }
+    return {f"{prefix}layer.{group}.{name}" for group, names in DRAFT_LORA_MODULES.items() for name in names}
 
 
 def expected_lora_parameters(prefix: str = "base_model.model.model.") -> set[str]:
-    return {
-        f"{module}.lora_{part}.default.weight" for module in draft_linear_names(prefix) for part in ("A", "B")
-    }
+    return {f"{module}.lora_{part}.default.weight" for module in draft_linear_names(prefix) for part in ("A", "B")}
 
 
 def target_state(target) -> dict[str, torch.Tensor]:
@@ -180,8 +176,9 @@ def test_merge_and_unload_gives_a_glide_draft_with_the_adapted_logits(adapted):
         merged_logits = merged(ids).logits
     torch.testing.assert_close(merged_logits, adapted_logits, atol=MERGE_ATOL, rtol=0)
     # The adapter is not a no-op: the merged draft differs from the base draft.
-    assert not torch.equal(merged.state_dict()["model.layer.mlp.down_proj.weight"],
-                           base_state["model.layer.mlp.down_proj.weight"])
+    assert not torch.equal(
+        merged.state_dict()["model.layer.mlp.down_proj.weight"], base_state["model.layer.mlp.down_proj.weight"]
+    )
 
 
 # --- decoding --------------------------------------------------------------------------------------------------------
@@ -244,9 +241,17 @@ def test_trainer_lowers_the_loss_of_a_lora_draft_and_leaves_target_and_base_weig
     data = _CountingData()
     loss_before = eval_loss(peft_draft, data)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=8, learning_rate=0.02,
-        lr_scheduler_type="constant", logging_steps=4, save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=16,
+        per_device_train_batch_size=8,
+        learning_rate=0.02,
+        lr_scheduler_type="constant",
+        logging_steps=4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     Trainer(model=peft_draft, args=args, train_dataset=data).train()
     loss_after = eval_loss(peft_draft, data)

@@ -30,8 +30,16 @@ TARGET_FAMILIES = {
 def build_target(family: str = "llama", seed: int = 0, **overrides):
     config_class, model_class, family_fields = TARGET_FAMILIES[family]
     fields = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     fields.update(family_fields)
     fields.update(overrides)
@@ -62,10 +70,19 @@ def test_draft_layer_has_the_longspec_modules_and_no_embedding_of_its_own():
     names = {name for name, _ in draft.named_parameters() if not name.startswith("model.target.")}
     layer = {name.removeprefix("model.layer.") for name in names if name.startswith("model.layer.")}
     assert {
-        "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight", "cross_attn.q_proj.weight", "cross_attn.o_proj.weight", "mlp.gate_proj.weight",
-        "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
-        "post_self_attention_layernorm.weight", "post_cross_attention_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "cross_attn.q_proj.weight",
+        "cross_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+        "input_layernorm.weight",
+        "post_self_attention_layernorm.weight",
+        "post_cross_attention_layernorm.weight",
     } <= layer
     assert not any("cross_attn.k_proj" in n or "cross_attn.v_proj" in n for n in layer)
     assert not any("embed" in n or "lm_head" in n for n in names)
@@ -190,8 +207,10 @@ def test_glide_model_returns_the_hidden_states_the_lm_head_reads():
     target = build_target()
     draft = build_draft(target)
     base = GlideModel(draft.config)
-    base.load_state_dict({k.removeprefix("model."): v for k, v in draft.state_dict().items()
-                          if not k.startswith("model.target.")}, strict=False)
+    base.load_state_dict(
+        {k.removeprefix("model."): v for k, v in draft.state_dict().items() if not k.startswith("model.target.")},
+        strict=False,
+    )
     base.attach_target(target).eval()
     ids = random_ids(1, 9)
     hidden = base(ids).last_hidden_state

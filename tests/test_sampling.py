@@ -170,10 +170,20 @@ def sampled_chain(draft_first, draft_second, batch: int):
     q_second = torch.softmax(draft_second[token_one], -1)  # [B, V]
     token_two = torch.multinomial(q_second, 1)[:, 0]
     tree = DraftTree.start(torch.zeros(batch, dtype=torch.long), 3)
-    tree.add_level(1, torch.zeros(batch, 1, dtype=torch.long), token_one[:, None], torch.zeros(batch, 1),
-                   torch.ones(batch, 1, dtype=torch.bool))
-    tree.add_level(2, torch.ones(batch, 1, dtype=torch.long), token_two[:, None], torch.zeros(batch, 1),
-                   torch.ones(batch, 1, dtype=torch.bool))
+    tree.add_level(
+        1,
+        torch.zeros(batch, 1, dtype=torch.long),
+        token_one[:, None],
+        torch.zeros(batch, 1),
+        torch.ones(batch, 1, dtype=torch.bool),
+    )
+    tree.add_level(
+        2,
+        torch.ones(batch, 1, dtype=torch.long),
+        token_two[:, None],
+        torch.zeros(batch, 1),
+        torch.ones(batch, 1, dtype=torch.bool),
+    )
     draft_probs = torch.stack([q_first[None].expand(batch, -1), q_second], dim=1)
     return tree, draft_probs
 

@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Run `glide-hf COMMAND --help` for the flags of a command.",
     )
     parser.add_argument(
-        "command", choices=sorted(COMMANDS), metavar="COMMAND",
+        "command",
+        choices=sorted(COMMANDS),
+        metavar="COMMAND",
         help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()),
     )
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

@@ -128,8 +128,10 @@ def _check_record(record: Any, data_format: str, prompt_field: str) -> None:
         if not isinstance(messages, list) or not messages:
             raise BadRecord("`messages` must be a non-empty list of {role, content} objects")
         for index, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
-                message.get("content"), str
+            if (
+                not isinstance(message, dict)
+                or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)
             ):
                 raise BadRecord(f"`messages[{index}]` needs string `role` and `content` fields")
         if not _prompt_messages(messages):
@@ -485,7 +487,9 @@ def distill_data(
     ```
     """
     for name, value in (
-        ("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("text_prompt_tokens", text_prompt_tokens)
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+        ("text_prompt_tokens", text_prompt_tokens),
     ):
         if not isinstance(value, int) or value < 1:
             raise GlideConfigError(f"`{name}` must be an integer >= 1, got {value!r}.")

@@ -212,14 +212,26 @@ def glide_generate(
             # padding), and the engine calls them node by node, each node with its own history.
             history_processors = [
                 target._get_logits_processor(
-                    generation_config=config, input_ids_seq_length=prompt_length, logits_processor=logits_processor,
-                    device=input_ids.device, model_kwargs={"attention_mask": attention_mask[row : row + 1]},
+                    generation_config=config,
+                    input_ids_seq_length=prompt_length,
+                    logits_processor=logits_processor,
+                    device=input_ids.device,
+                    model_kwargs={"attention_mask": attention_mask[row : row + 1]},
                 )
                 for row in range(input_ids.shape[0])
             ]
         call, rows, first_tokens = _prefill(
-            draft, target, policy, config, input_ids, attention_mask, max_new_tokens, eos_token_ids,
-            stopping_criteria, forced_acceptance, history_processors,
+            draft,
+            target,
+            policy,
+            config,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            eos_token_ids,
+            stopping_criteria,
+            forced_acceptance,
+            history_processors,
         )
         call.use_cuda_graphs = use_cuda_graphs
         cache_keys = call.target_cache.layers[0].keys
@@ -277,9 +289,7 @@ def glide_generate(
 def _choose_verify_attention(verify_attention: str, target) -> bool:
     """Whether the verify forward may split prefix and tree attention (`"auto"` still needs the fused kernel)."""
     if verify_attention not in ("auto", "split", "masked"):
-        raise GlideConfigError(
-            f"`verify_attention={verify_attention!r}` is not one of 'auto', 'split' or 'masked'."
-        )
+        raise GlideConfigError(f"`verify_attention={verify_attention!r}` is not one of 'auto', 'split' or 'masked'.")
     config = target.config
     layer_types = getattr(config, "layer_types", None)
     windowed = (
@@ -325,8 +335,19 @@ def _as_list(token_ids) -> list[int]:
     return list(token_ids) if isinstance(token_ids, (list, tuple)) else [int(token_ids)]
 
 
-def _prefill(draft, target, policy, config, input_ids, attention_mask, max_new_tokens, eos_token_ids,
-             stopping_criteria, forced_acceptance, history_processors=None):
+def _prefill(
+    draft,
+    target,
+    policy,
+    config,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    eos_token_ids,
+    stopping_criteria,
+    forced_acceptance,
+    history_processors=None,
+):
     """Run the target over the prompts, fill both caches and sample each row's first new token."""
     device = input_ids.device
     batch, prompt_length = input_ids.shape
@@ -351,9 +372,7 @@ def _prefill(draft, target, policy, config, input_ids, attention_mask, max_new_t
 
     num_slots = prompt_length + max_new_tokens + policy.num_nodes + 1
     keys = prefill_cache.layers[0].keys
-    target_cache = SlotCache.allocate(
-        num_layers, batch, keys.shape[1], num_slots, keys.shape[-1], keys.dtype, device
-    )
+    target_cache = SlotCache.allocate(num_layers, batch, keys.shape[1], num_slots, keys.shape[-1], keys.dtype, device)
     for slot_layer, layer in zip(target_cache.layers, prefill_cache.layers):
         slot_layer.keys[:, :, :prompt_length] = layer.keys
         slot_layer.values[:, :, :prompt_length] = layer.values
@@ -361,8 +380,13 @@ def _prefill(draft, target, policy, config, input_ids, attention_mask, max_new_t
 
     window = draft.config.sliding_window
     draft_cache = DraftRingCache.allocate_ring(
-        batch, draft.config.num_key_value_heads, window + RING_SLACK, policy.num_nodes, draft.config.head_dim,
-        draft.model.layer.self_attn.k_proj.weight.dtype, device,
+        batch,
+        draft.config.num_key_value_heads,
+        window + RING_SLACK,
+        policy.num_nodes,
+        draft.config.head_dim,
+        draft.model.layer.self_attn.k_proj.weight.dtype,
+        device,
     )
     # The draft's prompt: only the keys/values of the last `window` tokens, the only ones later steps can see.
     span = min(window, prompt_length)
@@ -383,14 +407,27 @@ def _prefill(draft, target, policy, config, input_ids, attention_mask, max_new_t
         generated=torch.zeros(batch, dtype=torch.long, device=device),
     )
     call = _Call(
-        draft=draft, target=target, policy=policy, config=config, warpers=build_warpers(config),
-        eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens, min_new_tokens=config.min_new_tokens or 0,
-        target_cache=target_cache, draft_cache=draft_cache, stopping_criteria=stopping_criteria,
-        forced_acceptance=forced_acceptance, prompts=input_ids, num_target_forwards=1,
+        draft=draft,
+        target=target,
+        policy=policy,
+        config=config,
+        warpers=build_warpers(config),
+        eos_token_ids=eos_token_ids,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=config.min_new_tokens or 0,
+        target_cache=target_cache,
+        draft_cache=draft_cache,
+        stopping_criteria=stopping_criteria,
+        forced_acceptance=forced_acceptance,
+        prompts=input_ids,
+        num_target_forwards=1,
         new_tokens=torch.zeros(batch, dtype=torch.long, device=device),
         eos_tensor=torch.tensor(eos_token_ids, dtype=torch.long, device=device),
         cape_bins=torch.tensor(policy.cape_bins, dtype=torch.long, device=device) if policy.cape_bins else None,
-        use_cuda_graphs=False, split_verify=False, fused_prefix=False, history_processors=history_processors,
+        use_cuda_graphs=False,
+        split_verify=False,
+        fused_prefix=False,
+        history_processors=history_processors,
     )
     call.draft_vocab_ids, call.draft_head_weight, call.draft_head_bias = _draft_head(draft)
     root_tree = DraftTree.start(rows.roots, 1)
@@ -471,8 +508,15 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
     ring.clear_tree(rows.lengths)
     tree = DraftTree.start(rows.roots, policy.num_nodes)
     positions = torch.stack([rows.lengths - 1, rows.lengths], dim=1)
-    logits = _draft_step(call, torch.stack([rows.previous, rows.roots], dim=1), positions, ring.ring_slots(positions),
-                         None, tree, verified)[:, -1:]
+    logits = _draft_step(
+        call,
+        torch.stack([rows.previous, rows.roots], dim=1),
+        positions,
+        ring.ring_slots(positions),
+        None,
+        tree,
+        verified,
+    )[:, -1:]
     fed = torch.zeros(batch, 1, dtype=torch.long, device=device)  # tree nodes whose draft logits we hold
     # A sampled chain draws its tokens from the draft (standard speculative sampling); trees, CAPE and greedy
     # decoding choose them deterministically (see sampling.py).
@@ -511,17 +555,25 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
     call.target_cache.set_write_slots(node_slots)
     node_positions = rows.lengths[:, None] + tree.depths
     if call.split_verify:
-        tree_inputs = TreeAttentionInputs.build(rows.lengths, node_slots, tree.ancestors, call.target_cache.num_slots,
-                                                call.fused_prefix)
+        tree_inputs = TreeAttentionInputs.build(
+            rows.lengths, node_slots, tree.ancestors, call.target_cache.num_slots, call.fused_prefix
+        )
         with using_tree_attention(target.config):  # the 4D mask only stops Transformers from building its own
             target_logits = target(
-                input_ids=tree.tokens, position_ids=node_positions, attention_mask=tree.ancestors[:, None],
-                cache=call.target_cache, use_cache=True, **{TREE_ATTENTION: tree_inputs},
+                input_ids=tree.tokens,
+                position_ids=node_positions,
+                attention_mask=tree.ancestors[:, None],
+                cache=call.target_cache,
+                use_cache=True,
+                **{TREE_ATTENTION: tree_inputs},
             ).logits
     else:
         target_logits = target(
-            input_ids=tree.tokens, position_ids=node_positions, attention_mask=_verify_mask(call, rows, tree),
-            cache=call.target_cache, use_cache=True,
+            input_ids=tree.tokens,
+            position_ids=node_positions,
+            attention_mask=_verify_mask(call, rows, tree),
+            cache=call.target_cache,
+            use_cache=True,
         ).logits
 
     # 3. Accept.
@@ -529,8 +581,9 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
         processed = _process_with_histories(call, rows, output, tree, target_logits)
     else:
         suppress = (rows.generated[:, None] + tree.depths) < call.min_new_tokens
-        processed = process_target_logits(target_logits, call.warpers, call.config.do_sample, suppress,
-                                          call.eos_tensor)
+        processed = process_target_logits(
+            target_logits, call.warpers, call.config.do_sample, suppress, call.eos_tensor
+        )
     if sampled_chain:
         verdict = verify_sampled_chain(tree, torch.softmax(processed, dim=-1), torch.stack(draft_probs, dim=1))
     else:
@@ -553,8 +606,9 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
         source = torch.where(on_path, rows.lengths[:, None] + verdict.path, destination)
         call.target_cache.move_slots(source, destination)
     ring_destination = ring.ring_slots(destination[:, 1:])
-    ring.move_slots(torch.where(on_path[:, 1:], ring.tree_slot(verdict.path[:, 1:]), ring_destination),
-                    ring_destination)
+    ring.move_slots(
+        torch.where(on_path[:, 1:], ring.tree_slot(verdict.path[:, 1:]), ring_destination), ring_destination
+    )
     kept_positions = ring.slot_positions.gather(1, ring_destination)
     ring.record_positions(ring_destination, torch.where(on_path[:, 1:], destination[:, 1:], kept_positions))
 
@@ -608,8 +662,13 @@ def _draft_step(call, tokens, positions, slots, query_nodes, tree, verified) -> 
         visible &= ~is_tree_slot | tree_visible
     mask = _attention_mask(visible[:, None], call.draft.config._attn_implementation, torch.float32)
     hidden = call.draft.model(
-        input_ids=tokens, position_ids=positions, attention_mask=mask, cache=ring, use_cache=True,
-        target_cache=call.target_cache, target_attention_mask=verified,
+        input_ids=tokens,
+        position_ids=positions,
+        attention_mask=mask,
+        cache=ring,
+        use_cache=True,
+        target_cache=call.target_cache,
+        target_attention_mask=verified,
     ).last_hidden_state
     weight = call.draft_head_weight
     hidden = hidden.to(device=weight.device, dtype=weight.dtype)

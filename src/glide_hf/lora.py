@@ -72,9 +72,7 @@ def draft_lora_target_pattern(modules: Iterable[str] = ("self_attn", "cross_attn
             + ", ".join(f"`{group}` ({', '.join(names)})" for group, names in DRAFT_LORA_MODULES.items())
             + "."
         )
-    alternatives = "|".join(
-        rf"{group}\.(?:{'|'.join(DRAFT_LORA_MODULES[group])})" for group in dict.fromkeys(groups)
-    )
+    alternatives = "|".join(rf"{group}\.(?:{'|'.join(DRAFT_LORA_MODULES[group])})" for group in dict.fromkeys(groups))
     return rf"{_NAME_PREFIX}(?:{alternatives})"
 
 

@@ -282,8 +282,12 @@ class GlideCrossAttention(nn.Module):
         output = query.new_zeros(batch, seq_len, heads, head_dim)
         if lag < seq_len:
             shifted = self._attend(
-                implementation, query[:, :, lag:], keys[:, :, : seq_len - lag], values[:, :, : seq_len - lag],
-                mask=None, is_causal=True,
+                implementation,
+                query[:, :, lag:],
+                keys[:, :, : seq_len - lag],
+                values[:, :, : seq_len - lag],
+                mask=None,
+                is_causal=True,
             )
             output = torch.cat([output[:, :lag], shifted], dim=1)
         return output
@@ -545,14 +549,24 @@ class GlidePreTrainedModel(PreTrainedModel):
         with tempfile.TemporaryDirectory() as work_dir:
             self.save_pretrained(work_dir, max_shard_size=max_shard_size)
             return self._upload_folder(
-                work_dir, repo_id, token=token, commit_message=commit_message,
-                commit_description=commit_description, private=private, revision=revision, create_pr=create_pr,
+                work_dir,
+                repo_id,
+                token=token,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                revision=revision,
+                create_pr=create_pr,
             )
 
     def _upload_folder(self, folder, repo_id: str, token=None, private=None, commit_message=None, **commit_kwargs):
         repo_id = transformers_hub.hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         return self._upload_modified_files(
-            folder, repo_id, files_timestamps={}, commit_message=commit_message or "Upload GLIDE draft", token=token,
+            folder,
+            repo_id,
+            files_timestamps={},
+            commit_message=commit_message or "Upload GLIDE draft",
+            token=token,
             **commit_kwargs,
         )
 
@@ -732,7 +746,10 @@ class GlideModel(GlidePreTrainedModel):
         decoder.config.num_hidden_layers = layer_idx + 1
         try:
             decoder(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=capture,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=capture,
                 use_cache=True,
             )
         finally:
@@ -1012,9 +1029,15 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
         if generation_config is not None and generation_config.is_assistant:
             return self._draft_for_assisted_decoding(input_ids, generation_config, **kwargs)
         return glide_generate(
-            self, input_ids, attention_mask=attention_mask, generation_config=generation_config,
-            draft_strategy=draft_strategy, num_draft_tokens=num_draft_tokens, tree_widths=tree_widths,
-            cape_bins=cape_bins, **kwargs,
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            draft_strategy=draft_strategy,
+            num_draft_tokens=num_draft_tokens,
+            tree_widths=tree_widths,
+            cape_bins=cape_bins,
+            **kwargs,
         )
 
     def _draft_for_assisted_decoding(self, input_ids, generation_config, **kwargs):

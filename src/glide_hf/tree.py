@@ -160,9 +160,10 @@ class DraftTree:
         self.valid[:, nodes] = valid & self.valid.gather(1, parents)
         self.scores[:, nodes] = scores
         parent_rows = self.ancestors.gather(1, parents[:, :, None].expand(-1, -1, self.ancestors.shape[-1]))
-        own = torch.arange(self.ancestors.shape[-1], device=tokens.device) == torch.arange(
-            start, start + width, device=tokens.device
-        )[:, None]  # [width, N]: each new node is its own ancestor
+        own = (
+            torch.arange(self.ancestors.shape[-1], device=tokens.device)
+            == torch.arange(start, start + width, device=tokens.device)[:, None]
+        )  # [width, N]: each new node is its own ancestor
         self.ancestors[:, nodes] = parent_rows | own[None]
 
     def select_rows(self, rows: torch.Tensor) -> None:

@@ -65,7 +65,11 @@ class TreeAttentionInputs:
 
     @classmethod
     def build(
-        cls, prefix_lengths: torch.Tensor, node_slots: torch.Tensor, visible: torch.Tensor, num_slots: int,
+        cls,
+        prefix_lengths: torch.Tensor,
+        node_slots: torch.Tensor,
+        visible: torch.Tensor,
+        num_slots: int,
         use_fused_kernel: bool,
     ) -> "TreeAttentionInputs":
         """From each row's prefix length `[B]`, the nodes' slots `[B, N]`, their visibility `[B, N, N]` (bool) and
@@ -100,8 +104,9 @@ def _varlen_flash_forward(*args, **kwargs):
     return torch.ops.aten._flash_attention_forward(*args, **kwargs)
 
 
-def _flash_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inputs: TreeAttentionInputs,
-                  scale: float):
+def _flash_prefix(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inputs: TreeAttentionInputs, scale: float
+):
     """Attention of `query` `[B, Hq, N, D]` over the first `prefix_lengths[b]` slots of `key`/`value`
     `[B, Hkv, S, D]`, per chunk: outputs `[B, C, Hq, N, D]` and log-sum-exps `[B, C, Hq, N]` (fp32, -inf for a
     chunk without prefix keys), to be merged with `_merge`.
@@ -115,14 +120,22 @@ def _flash_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, i
     batch, num_heads, num_queries, head_dim = query.shape
     num_slots = key.shape[2]
     num_chunks = inputs.chunk_used.shape[1]
-    packed_query = (
-        query.transpose(1, 2)[:, None].expand(-1, num_chunks, -1, -1, -1).reshape(-1, num_heads, head_dim)
-    )
+    packed_query = query.transpose(1, 2)[:, None].expand(-1, num_chunks, -1, -1, -1).reshape(-1, num_heads, head_dim)
     packed_key = key.transpose(1, 2).reshape(batch * num_slots, key.shape[1], head_dim)  # a view: token-major
     packed_value = value.transpose(1, 2).reshape(batch * num_slots, value.shape[1], head_dim)
     output, lse, *_ = _varlen_flash_forward(
-        packed_query, packed_key, packed_value, inputs.query_starts, inputs.key_starts, num_queries,
-        inputs.chunk_size, 0.0, False, False, scale=scale, seqused_k=inputs.chunk_used.flatten(),
+        packed_query,
+        packed_key,
+        packed_value,
+        inputs.query_starts,
+        inputs.key_starts,
+        num_queries,
+        inputs.chunk_size,
+        0.0,
+        False,
+        False,
+        scale=scale,
+        seqused_k=inputs.chunk_used.flatten(),
     )
     output = output.reshape(batch, num_chunks, num_queries, num_heads, head_dim).transpose(2, 3)
     # The varlen kernel's lse is [Hq, total queries]; a chunk without keys holds no probability mass.
@@ -130,8 +143,9 @@ def _flash_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, i
     return output, lse.masked_fill((inputs.chunk_used == 0)[:, :, None, None], float("-inf"))
 
 
-def _reference_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor,
-                      scale: float):
+def _reference_prefix(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float
+):
     """The prefix attention by explicit scores (any device and dtype): output `[B, Hq, N, D]` and log-sum-exp
     `[B, Hq, N]`, fp32."""
     batch, num_heads, num_queries, head_dim = query.shape
@@ -148,8 +162,7 @@ def _reference_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     )
 
 
-def _tree_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inputs: TreeAttentionInputs,
-               scale: float):
+def _tree_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inputs: TreeAttentionInputs, scale: float):
     """Attention of the N node queries over the N node keys, each node seeing its ancestors and itself: output
     `[B, Hq, N, D]` and log-sum-exp `[B, Hq, N]`, fp32."""
     batch, num_heads, num_queries, head_dim = query.shape
@@ -189,8 +202,9 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
     """
     inputs: TreeAttentionInputs | None = kwargs.pop(TREE_ATTENTION, None)
     if inputs is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if inputs.use_fused_kernel:
         prefix = _flash_prefix(query, key, value, inputs, scale)
