@@ -919,8 +919,9 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
                 f"`token_ids` must lie in 0..{vocab_size - 1} (the vocabulary), got values from {int(ids.min())} to "
                 f"{int(ids.max())}."
             )
+        count = ids.numel()
         ids = ids.unique(sorted=True)
-        if ids.numel() != torch.as_tensor(token_ids).numel():
+        if ids.numel() != count:
             raise GlideConfigError("`token_ids` holds repeated ids: give each token once.")
         self.draft_vocab_ids = ids.to(self.model.layer.input_layernorm.weight.device)  # the engine moves it
         self.config.draft_vocab_size = int(ids.numel())

@@ -6,10 +6,11 @@ cache) plus the tree's own nodes (slots `length .. length + N - 1`), each node s
 explicit `[B, 1, N, S]` mask over the whole slot buffer makes sdpa leave its fused kernels (and repeat the grouped
 key/value heads), which at 16k context costs twice a one-token step. Here instead:
 
-- prefix: torch's flash-attention kernel in its variable-length form, with `seqused_k` = each row's length, reads
-  exactly the verified keys of each row, grouped heads included, and returns its log-sum-exp;
+- prefix: torch's flash-attention kernel in its variable-length form reads exactly the verified keys of each row
+  (`seqused_k`), grouped heads included, in chunks of `PREFIX_CHUNK_SLOTS` slots (split-KV), and returns each
+  chunk's log-sum-exp;
 - tree: the N nodes' keys are gathered (N x N scores per head, a few kilobytes) and masked by the ancestor matrix;
-- merge: `out = out_prefix * exp(lse_prefix - lse) + out_tree * exp(lse_tree - lse)`, `lse = logaddexp(...)`.
+- merge, exact: `out = sum_p out_p * exp(lse_p - lse)` over the chunks and the tree part, `lse = logsumexp_p lse_p`.
 
 The attention function is registered with Transformers' `AttentionInterface` as `"glide_tree"`; the engine switches
 the target to it only around its verify forward and passes the tree through the `glide_tree` keyword, which
