@@ -105,6 +105,14 @@ def test_draft_settings_table_shows_the_config(draft):
     assert rows["self-attention window (`sliding_window`)"] == "8 tokens"
     assert rows["draft tokens per round (`num_draft_tokens`)"] == str(draft.config.num_draft_tokens)
     assert rows["final norm (`final_norm`)"] == "yes"
+    assert rows["draft vocabulary (`draft_vocab_size`)"] == "the whole vocabulary"
+
+
+def test_draft_settings_table_shows_a_draft_vocabulary(make_target, make_draft):
+    draft = make_draft(make_target()).set_draft_vocabulary([1, 2, 3])
+    rows = dict(table_rows(section(glide_model_card(draft), "Draft settings"))[1:])
+    vocab = draft.config.vocab_size
+    assert rows["draft vocabulary (`draft_vocab_size`)"] == f"3 of {vocab} token ids (the engine only)"
 
 
 def test_results_file_fills_tau_speedup_and_the_measurement_line(draft, tmp_path):

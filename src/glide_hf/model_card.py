@@ -228,6 +228,15 @@ def _settings_table(config) -> str:
         ("final norm (`final_norm`)", _format_value(config.final_norm)),
         ("q/k/v biases (`attention_bias`)", _format_value(config.attention_bias)),
     ]
+    draft_vocab_size = getattr(config, "draft_vocab_size", None)  # configs of older drafts lack the key
+    rows.append(
+        (
+            "draft vocabulary (`draft_vocab_size`)",
+            "the whole vocabulary"
+            if draft_vocab_size is None
+            else f"{draft_vocab_size} of {config.vocab_size} token ids (the engine only)",
+        )
+    )
     return _table(("setting", "value"), rows)
 
 
