@@ -481,3 +481,52 @@ def test_fractional_forced_acceptance_alternates_to_the_requested_average():
     )
     accepted = [int(round_accepted[0]) for round_accepted in out.accepted_per_round]
     assert accepted[:6] == [2, 3, 2, 3, 2, 3]
+
+
+def test_heuristic_schedule_adapts_the_chain_length_and_keeps_the_output(monkeypatch):
+    """`num_draft_tokens_schedule="heuristic"`: the chain grows by 2 after a round in which a row accepted every
+    draft and shrinks by 1 otherwise, within 1..num_draft_tokens; greedy output stays the target's."""
+    from glide_hf import engine
+
+    depths = []
+    original_round = engine._round
+    monkeypatch.setattr(
+        engine, "_round", lambda call, *args: depths.append(call.policy.depth) or original_round(call, *args)
+    )
+    target = build_target()
+    prompts = [random_ids(1, length, seed=length)[0] for length in (4, 9)]
+    assert_rows_equal_single_generation(
+        target,
+        build_draft(target, sliding_window=5),
+        prompts,
+        30,
+        num_draft_tokens=6,
+        num_draft_tokens_schedule="heuristic",
+    )
+    for draft, expect_shrinking in ((build_draft(target), True), (build_agreeing_pair()[1], False)):
+        depths.clear()
+        out = draft.generate(
+            random_ids(1, 6, seed=2),
+            max_new_tokens=30,
+            do_sample=False,
+            num_draft_tokens=6,
+            eos_token_id=None,
+            num_draft_tokens_schedule="heuristic",
+            return_dict_in_generate=True,
+        )
+        accepted = [int(a.max()) for a in out.accepted_per_round]
+        expected = [6]
+        for depth_accepted in accepted[:-1]:
+            depth = expected[-1]
+            expected.append(min(depth + 2, 6) if depth_accepted >= depth else max(depth - 1, 1))
+        assert depths == expected
+        assert (min(depths) < 6) == expect_shrinking  # a missing draft shortens the chain, an agreeing one does not
+
+
+def test_heuristic_schedule_needs_a_chain_and_a_known_name():
+    draft = build_draft(build_target())
+    prompt = random_ids(1, 4)
+    with pytest.raises(GlideConfigError, match="adapts a chain"):
+        draft.generate(prompt, max_new_tokens=4, draft_strategy="tree", num_draft_tokens_schedule="heuristic")
+    with pytest.raises(GlideConfigError, match="num_draft_tokens_schedule='linear'"):
+        draft.generate(prompt, max_new_tokens=4, num_draft_tokens_schedule="linear")

@@ -155,3 +155,13 @@ def test_engine_verifies_with_the_fused_prefix_kernel_on_cuda(monkeypatch):
         prompt, max_new_tokens=16, do_sample=False, draft_strategy="tree", tree_widths=(2, 3), split_verify_min_slots=0
     )
     assert out.shape[0] == 2 and out.shape[1] > 24 and calls
+
+
+def test_heuristic_schedule_with_cuda_graphs_equals_the_eager_engine_on_cuda():
+    """One graph per chain length: replaying them gives what eager rounds give."""
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    prompt = random_ids(2, 12).cuda()
+    settings = dict(max_new_tokens=40, do_sample=False, num_draft_tokens=6, num_draft_tokens_schedule="heuristic")
+    graphs = draft.generate(prompt, use_cuda_graphs=True, **settings)
+    assert torch.equal(graphs, draft.generate(prompt, use_cuda_graphs=False, **settings))

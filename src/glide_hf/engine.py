@@ -38,7 +38,7 @@ from .sampling import (
     verify_tree,
 )
 from .static_cache import DraftRingCache, SlotCache
-from .tree import DraftTree, TreePolicy, make_policy
+from .tree import DraftTree, TreePolicy, chain, make_policy
 from .tree_attention import TREE_ATTENTION, TreeAttentionInputs, fused_prefix_kernel_available, using_tree_attention
 
 logger = logging.get_logger(__name__)
@@ -139,6 +139,7 @@ def glide_generate(
     use_cuda_graphs: bool | None = None,
     verify_attention: str = "auto",
     split_verify_min_slots: int = 4096,
+    num_draft_tokens_schedule: str = "constant",
     **kwargs,
 ):
     """Decode with the target, drafting with `draft`; see `GlideForCausalLM.generate` for the arguments.
@@ -152,6 +153,9 @@ def glide_generate(
     splits where the flash kernel serves, the target has no sliding-window layers and either the target cache holds
     at least `split_verify_min_slots` slots (prompt + new tokens + tree; below that the masked forward is faster, see
     docs/benchmarks.md) or the target's own attention cannot take a mask (flash-attention); it masks otherwise.
+    `num_draft_tokens_schedule` (chains only): `"constant"` drafts `num_draft_tokens` every round; `"heuristic"`
+    adapts the chain's length between 1 and `num_draft_tokens` as Transformers' schedule of the same name does:
+    start at the most, +2 after a round in which some row accepted every draft, -1 after any other round.
     """
     target = draft.target
     if target is None:
@@ -172,6 +176,16 @@ def glide_generate(
             f"`forced_acceptance` (benchmark only) needs `draft_strategy='chain'` and a value in 0..{policy.depth}."
         )
     _check_policy_fits(policy, draft.config.draft_vocab_size or target.config.vocab_size)
+    if num_draft_tokens_schedule not in ("constant", "heuristic"):
+        raise GlideConfigError(
+            f"`num_draft_tokens_schedule={num_draft_tokens_schedule!r}` is not one of 'constant' or 'heuristic'."
+        )
+    adaptive = num_draft_tokens_schedule == "heuristic"
+    if adaptive and (policy.kind != "chain" or forced_acceptance is not None):
+        raise GlideConfigError(
+            "`num_draft_tokens_schedule='heuristic'` adapts a chain's length: use it with `draft_strategy='chain'` "
+            "and without `forced_acceptance`."
+        )
     split_verify = _choose_verify_attention(verify_attention, target)
     eos_token_ids = _as_list(config.eos_token_id)
     pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_token_ids or [0])[0]
@@ -263,7 +277,13 @@ def glide_generate(
                 streamer.put(result.new_tokens[:, : int(result.count.max())].cpu())
             if call.stopping_criteria:
                 finished |= _stop_where_criteria_are_met(call, rows, output, result.count)
-            if _drop(call, rows, finished):
+            any_finished = None
+            if adaptive:  # the round's one host synchronisation reads both flags
+                depth = call.policy.depth
+                any_finished, all_accepted = torch.stack([finished.any(), (result.accepted >= depth).any()]).tolist()
+                next_depth = min(depth + 2, policy.depth) if all_accepted else max(depth - 1, 1)
+                call.policy = policy if next_depth == policy.depth else chain(next_depth)
+            if _drop(call, rows, finished, any_finished):
                 runner.invalidate()
     if streamer is not None:
         streamer.end()
@@ -463,37 +483,41 @@ class _RoundRunner:
 
     A whole round has static shapes (rows, tree nodes, cache slots) and no host synchronisation, so on CUDA it is
     captured once, after one eager warm-up round, and then replayed: one launch instead of hundreds of small kernels
-    and Python calls. Dropping finished rows changes the shapes: the graph is then captured again.
+    and Python calls. Dropping finished rows changes the shapes: the graphs are then captured again. A chain whose
+    length the heuristic schedule changes gets one graph per length.
     """
 
     def __init__(self, call: _Call, rows: _Rows, output: torch.Tensor) -> None:
         self.call, self.rows, self.output = call, rows, output
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.result: _RoundResult | None = None
-        self.warm = False
+        # One graph per tree shape (a chain's length changes under the heuristic schedule), with its result.
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, _RoundResult]] = {}
+        self.warm: set[int] = set()
 
     def invalidate(self) -> None:
-        self.graph, self.result, self.warm = None, None, False
+        self.graphs, self.warm = {}, set()
 
     def step(self) -> _RoundResult:
         if not self.call.use_cuda_graphs:
             return _round(self.call, self.rows, self.output)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.result
-        if not self.warm:  # warm up on a side stream, as CUDA graph capture asks
+        shape = self.call.policy.num_nodes
+        if shape in self.graphs:
+            graph, result = self.graphs[shape]
+            graph.replay()
+            return result
+        if shape not in self.warm:  # warm up on a side stream, as CUDA graph capture asks
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 result = _round(self.call, self.rows, self.output)
             torch.cuda.current_stream().wait_stream(side)
-            self.warm = True
+            self.warm.add(shape)
             return result
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.result = _round(self.call, self.rows, self.output)
-        self.graph.replay()
-        return self.result
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = _round(self.call, self.rows, self.output)
+        self.graphs[shape] = (graph, result)
+        graph.replay()
+        return result
 
 
 def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
@@ -658,7 +682,7 @@ def _draft_step(call, tokens, positions, slots, query_nodes, tree, verified) -> 
     else:
         node_rows = tree.ancestors.gather(1, query_nodes[:, :, None].expand(-1, -1, tree.ancestors.shape[-1]))
         tree_visible = torch.zeros_like(visible)
-        tree_visible[:, :, ring.ring_size :] = node_rows
+        tree_visible[:, :, ring.ring_size : ring.ring_size + node_rows.shape[-1]] = node_rows
         visible &= ~is_tree_slot | tree_visible
     mask = _attention_mask(visible[:, None], call.draft.config._attn_implementation, torch.float32)
     hidden = call.draft.model(
@@ -768,10 +792,10 @@ def _stopping_criteria_met(call: _Call, rows: _Rows, output: torch.Tensor) -> to
     return torch.as_tensor(met, device=rows.generated.device).reshape(-1).bool()
 
 
-def _drop(call: _Call, rows: _Rows, finished: torch.Tensor) -> bool:
-    """Remove finished rows from the batch and from both caches (the round's one host synchronisation); returns
-    whether any row left."""
-    if not bool(finished.any()):
+def _drop(call: _Call, rows: _Rows, finished: torch.Tensor, any_finished: bool | None = None) -> bool:
+    """Remove finished rows from the batch and from both caches (the round's one host synchronisation, unless the
+    caller read `any_finished` already); returns whether any row left."""
+    if not (bool(finished.any()) if any_finished is None else any_finished):
         return False
     call.new_tokens[rows.index[finished]] = rows.generated[finished]
     keep = (~finished).nonzero().squeeze(-1)
