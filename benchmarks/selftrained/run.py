@@ -221,7 +221,11 @@ class SelfTrainedArguments:
         },
     )
     timing_prompts: int = field(
-        default=1, metadata={"help": "With workers or batches: prompts timed alone per method, at batch 1."}
+        default=3,
+        metadata={
+            "help": "With workers or batches: prompts timed alone per method, at batch 1 (the first always, the "
+            "others while the deadline allows: one sampled continuation is a noisy timing)."
+        },
     )
     timing_seconds: float = field(
         default=30.0, metadata={"help": "With workers or batches: time kept for the timing pass."}
