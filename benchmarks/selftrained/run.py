@@ -67,6 +67,7 @@ from transformers import (
 
 from glide_hf import demo
 from glide_hf.bench import (
+    ENGINE_STRATEGIES,
     METHODS,
     DecodingSettings,
     ModelSpec,
@@ -840,7 +841,7 @@ def goal_lines(result) -> list[str]:
             lines.append(
                 f"- {name}: tau GLIDE {glide.tau:.2f} vs prompt lookup {lookup.tau:.2f} (goal: above: {verdict})"
             )
-        engines = [result.summary(m, temperature) for m in ("engine_chain", "engine_tree", "engine_cape")]
+        engines = [result.summary(m, temperature) for m in ENGINE_STRATEGIES]
         engines = [s for s in engines if s is not None and s.speedup is not None]
         if engines:
             best = max(engines, key=lambda s: s.speedup)

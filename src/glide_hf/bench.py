@@ -9,6 +9,7 @@ Methods, each one generation call per prompt at batch size 1 (see `batch_size` b
 | `independent_assisted` | `target.generate(ids, assistant_model=assistant)`: an ordinary small causal LM |
 | `prompt_lookup`        | `target.generate(ids, prompt_lookup_num_tokens=k)`                              |
 | `engine_chain`, `engine_tree`, `engine_cape` | `draft.generate(ids, draft_strategy=...)`: glide_hf's engine |
+| `engine_adaptive`      | `draft.generate(ids, num_draft_tokens_schedule="heuristic")`: an adaptive chain  |
 
 Measured for each method and temperature (0 means greedy):
 - tau: new tokens over target forward passes, the prefill included, summed over the prompts. The stock paths count
@@ -74,6 +75,7 @@ Method = Literal[
     "independent_assisted",
     "prompt_lookup",
     "engine_chain",
+    "engine_adaptive",
     "engine_tree",
     "engine_cape",
 ]
@@ -84,12 +86,13 @@ METHOD_LABELS = {
     "independent_assisted": "assisted, independent draft",
     "prompt_lookup": "prompt lookup",
     "engine_chain": "engine, chain",
+    "engine_adaptive": "engine, adaptive chain",
     "engine_tree": "engine, tree",
     "engine_cape": "engine, CAPE",
 }
-DRAFT_METHODS = frozenset({"glide_assisted", "engine_chain", "engine_tree", "engine_cape"})
+DRAFT_METHODS = frozenset({"glide_assisted", "engine_chain", "engine_adaptive", "engine_tree", "engine_cape"})
 ASSISTANT_METHODS = frozenset({"independent_assisted"})
-ENGINE_STRATEGIES = {"engine_chain": "chain", "engine_tree": "tree", "engine_cape": "cape"}
+ENGINE_STRATEGIES = {"engine_chain": "chain", "engine_adaptive": "chain", "engine_tree": "tree", "engine_cape": "cape"}
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A continuation shorter than this is never called looping: too short to tell a loop from a repeated token.
 MIN_LOOP_CHECK_TOKENS = 16
@@ -250,6 +253,7 @@ def _engine_generate(models: BenchModels, method: str, input_ids, attention_mask
         draft_strategy=strategy,
         num_draft_tokens=settings.num_draft_tokens,
         tree_widths=settings.tree_widths if strategy == "tree" else None,
+        num_draft_tokens_schedule="heuristic" if method == "engine_adaptive" else "constant",
         max_new_tokens=max_new_tokens,
         return_dict_in_generate=True,
         **sampling,
