@@ -25,6 +25,7 @@ import os
 import time
 
 import torch
+from model_shapes import LLAMA3_8B as LLAMA3_8B_SHAPE
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from glide_hf import GlideForCausalLM
@@ -45,20 +46,7 @@ TINY = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-)
+LLAMA3_8B = dict(LLAMA3_8B_SHAPE, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def synchronize() -> None:

@@ -10,21 +10,10 @@ import os
 import time
 
 import torch
+from model_shapes import LLAMA3_8B
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from glide_hf import GlideForCausalLM
-
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-)
 
 
 def timed(fn, repeats: int) -> float:

@@ -5,22 +5,11 @@ top CUDA kernels of the slot-cache step. Run on a CUDA machine: `python benchmar
 import time
 
 import torch
+from model_shapes import LLAMA3_8B
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from glide_hf.static_cache import SlotCache
-
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-)
 
 
 def timed(fn, repeats=20):
