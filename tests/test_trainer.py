@@ -225,3 +225,16 @@ def test_activation_checkpointing_trains_to_the_same_weights(
     # Recomputing the layer in backward replays the same ops on the same inputs (the lag is drawn outside the
     # checkpointed layer, and there is no dropout), so the weights match exactly.
     assert not [name for name, tensor in plain_short_run.items() if not torch.equal(after[name], tensor)]
+
+
+@pytest.mark.parametrize(("variable", "sharded"), [("true", True), ("1", True), ("false", False), (None, False)])
+def test_acceptance_evaluation_is_skipped_under_an_fsdp_launch(monkeypatch, tmp_path, variable, sharded):
+    """`accelerate launch` with an FSDP config leaves `TrainingArguments.fsdp` empty and says so in the environment:
+    the acceptance evaluation must see it (one process cannot run sharded weights)."""
+    from glide_hf.trainer import _weights_are_sharded
+
+    if variable is None:
+        monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", variable)
+    assert _weights_are_sharded(TrainingArguments(output_dir=str(tmp_path), report_to=[])) is sharded
