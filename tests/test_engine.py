@@ -530,3 +530,33 @@ def test_heuristic_schedule_needs_a_chain_and_a_known_name():
         draft.generate(prompt, max_new_tokens=4, draft_strategy="tree", num_draft_tokens_schedule="heuristic")
     with pytest.raises(GlideConfigError, match="num_draft_tokens_schedule='linear'"):
         draft.generate(prompt, max_new_tokens=4, num_draft_tokens_schedule="linear")
+
+
+@pytest.mark.parametrize("strategy", ["chain", "tree"])
+def test_num_return_sequences_samples_each_prompt_from_the_target_distribution(strategy):
+    """500 prompts x 8 samples each = the 4000 rows of the sampling test; the rows keep `target.generate`'s order."""
+    target, draft, prompt, exact = _two_token_setup()
+    torch.manual_seed(0)
+    out = draft.generate(
+        prompt.repeat(500, 1),
+        max_new_tokens=2,
+        do_sample=True,
+        pad_token_id=0,
+        num_return_sequences=8,
+        **STRATEGIES[strategy],
+    )
+    assert out.shape == (4000, prompt.shape[1] + 2)
+    counts = torch.zeros(8, 8)
+    counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
+    assert _chi_square(counts, exact) < CHI2_CRITICAL_63_DOF
+    two_prompts = torch.tensor([[3, 4, 5, 6], [6, 5, 4, 3]])
+    out = draft.generate(two_prompts, max_new_tokens=3, do_sample=True, pad_token_id=0, num_return_sequences=3)
+    assert out.shape == (6, 7)
+    assert torch.equal(out[:, :4], two_prompts.repeat_interleave(3, dim=0))
+
+
+def test_num_return_sequences_with_greedy_decoding_is_rejected():
+    """As by `target.generate`: Transformers' own generation-config check names the setting."""
+    draft = build_draft(build_target())
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        draft.generate(random_ids(1, 4), max_new_tokens=3, do_sample=False, num_return_sequences=2)

@@ -204,6 +204,10 @@ def glide_generate(
         )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    num_samples = config.num_return_sequences or 1
+    if num_samples > 1:  # as `target.generate`: each prompt's samples are consecutive rows of one batch
+        input_ids = input_ids.repeat_interleave(num_samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
     if streamer is not None:
         streamer.put(input_ids.cpu())
 

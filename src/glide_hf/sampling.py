@@ -72,10 +72,6 @@ def check_generation_config(config: GenerationConfig) -> None:
         raise UnsupportedGenerationError(
             f"`num_beams={config.num_beams}`: beam search is not speculative; call `target.generate` for it."
         )
-    if (config.num_return_sequences or 1) > 1:
-        raise UnsupportedGenerationError(
-            "`num_return_sequences > 1` is not supported by the GLIDE engine; repeat the prompt in the batch instead."
-        )
     for name in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
         if getattr(config, name, False):
             raise UnsupportedGenerationError(
