@@ -560,3 +560,87 @@ def test_num_return_sequences_with_greedy_decoding_is_rejected():
     draft = build_draft(build_target())
     with pytest.raises(ValueError, match="num_return_sequences"):
         draft.generate(random_ids(1, 4), max_new_tokens=3, do_sample=False, num_return_sequences=2)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_repetition_penalty_runs_on_the_device_and_equals_the_targets(strategy, penalty, monkeypatch):
+    """The repetition penalty alone takes no host path (so CUDA graphs stay on): each node's history is the row's
+    seen tokens plus its own path; greedy output equals `target.generate`'s for a padded batch, with a small
+    vocabulary so that repeats are frequent."""
+    from glide_hf import engine
+
+    monkeypatch.setattr(engine, "_process_with_histories", None)  # must not be called
+    target = build_target(vocab_size=40)
+    draft = build_draft(target, sliding_window=4)
+    settings = dict(repetition_penalty=penalty, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    prompts = [random_ids(1, 6, seed=5)[0] % 40, random_ids(1, 2, seed=6)[0] % 40]
+    ids, mask = left_pad(prompts)
+    expected = target.generate(ids, attention_mask=mask, **settings)
+    assert torch.equal(draft.generate(ids, attention_mask=mask, **settings, **STRATEGIES[strategy]), expected)
+
+
+def test_device_repetition_penalty_equals_transformers_processor_per_node():
+    """`apply_repetition_penalty` on a tree equals `RepetitionPenaltyLogitsProcessor` run on each node's history."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from glide_hf.engine import _path_tokens
+    from glide_hf.sampling import apply_repetition_penalty
+    from glide_hf.tree import DraftTree
+
+    torch.manual_seed(0)
+    vocab, history = 12, torch.tensor([[3, 5, 5, 7], [1, 2, 3, 4]])
+    roots = history[:, -1]
+    tree = DraftTree.start(roots, 5)
+    tree.add_level(
+        1,
+        torch.zeros(2, 2, dtype=torch.long),
+        torch.tensor([[5, 9], [9, 9]]),
+        torch.zeros(2, 2),
+        torch.ones(2, 2, dtype=torch.bool),
+    )
+    tree.add_level(
+        3,
+        torch.tensor([[1, 2], [1, 1]]),
+        torch.tensor([[9, 0], [9, 4]]),
+        torch.zeros(2, 2),
+        torch.ones(2, 2, dtype=torch.bool),
+    )
+    logits = torch.randn(2, 5, vocab)
+    seen = torch.zeros(2, vocab, dtype=torch.bool).scatter_(1, history, True)
+    got = apply_repetition_penalty(logits, seen, _path_tokens(tree, roots, 2), 1.7)
+    processor = RepetitionPenaltyLogitsProcessor(1.7)
+    for row in range(2):
+        for node in range(5):
+            path = tree.tokens[row][tree.ancestors[row, node] & (tree.depths[row] > 0)]
+            node_history = torch.cat([history[row], path])[None]
+            expected = processor(node_history, logits[row, node][None].clone())[0]
+            torch.testing.assert_close(got[row, node], expected)
+
+
+@pytest.mark.parametrize("strategy", ["chain", "tree"])
+def test_sampling_with_a_repetition_penalty_follows_the_penalised_target_distribution(strategy):
+    """Chi-square over the first two tokens against the target's distribution with the penalty applied to each
+    token's own history (`RepetitionPenaltyLogitsProcessor`), with the penalty on the device."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    target, draft, prompt, _ = _two_token_setup()
+    processor = RepetitionPenaltyLogitsProcessor(2.0)
+    vocab = 8
+    with torch.no_grad():
+        first = torch.softmax(processor(prompt, target(prompt).logits[:, -1]), -1)[0]
+        extended = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)
+        second = torch.softmax(processor(extended, target(extended).logits[:, -1]), -1)
+    exact = first[:, None] * second
+    torch.manual_seed(0)
+    out = draft.generate(
+        prompt.repeat(4000, 1),
+        max_new_tokens=2,
+        do_sample=True,
+        pad_token_id=0,
+        repetition_penalty=2.0,
+        **STRATEGIES[strategy],
+    )
+    counts = torch.zeros(8, 8)
+    counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
+    assert _chi_square(counts, exact) < CHI2_CRITICAL_63_DOF

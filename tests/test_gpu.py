@@ -165,3 +165,13 @@ def test_heuristic_schedule_with_cuda_graphs_equals_the_eager_engine_on_cuda():
     settings = dict(max_new_tokens=40, do_sample=False, num_draft_tokens=6, num_draft_tokens_schedule="heuristic")
     graphs = draft.generate(prompt, use_cuda_graphs=True, **settings)
     assert torch.equal(graphs, draft.generate(prompt, use_cuda_graphs=False, **settings))
+
+
+def test_repetition_penalty_with_cuda_graphs_equals_the_target_on_cuda():
+    """The penalty runs on the device, so rounds are captured as graphs; greedy output stays the target's."""
+    target = build_target(vocab_size=40).cuda()
+    draft = build_draft(target).cuda()
+    prompt = (random_ids(2, 10) % 40).cuda()
+    settings = dict(max_new_tokens=30, do_sample=False, repetition_penalty=1.3, eos_token_id=None)
+    expected = target.generate(prompt, **settings)
+    assert torch.equal(draft.generate(prompt, use_cuda_graphs=True, draft_strategy="tree", **settings), expected)

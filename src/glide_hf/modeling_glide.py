@@ -1008,10 +1008,11 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             generation_config (`GenerationConfig`, *optional*): as for `target.generate`; defaults to the target's.
                 Supported: greedy and sampling (`temperature`, `top_k`, `top_p`, `min_p`; sampled chains use
                 speculative sampling with residual resampling), `max_new_tokens`, `max_length`, `min_new_tokens`,
-                `eos_token_id` (each row stops on its own), `pad_token_id`, history-dependent processing
-                (`repetition_penalty`, `no_repeat_ngram_size`, a `logits_processor` list: applied per tree node
-                with its own history, without CUDA graphs), `return_dict_in_generate` (then acceptance statistics
-                are returned). Scores, attentions and hidden states are not returned.
+                `eos_token_id` (each row stops on its own), `pad_token_id`, `repetition_penalty` (per tree node,
+                on the device), other history-dependent processing (`no_repeat_ngram_size`, a `logits_processor`
+                list: applied per tree node with its own history on the host, without CUDA graphs),
+                `num_return_sequences` (with sampling), `return_dict_in_generate` (then acceptance statistics are
+                returned). Scores, attentions and hidden states are not returned.
             draft_strategy (`str`, *optional*, defaults to `"chain"`): `"chain"` (`num_draft_tokens` tokens a round),
                 `"tree"` (LongSpec's dynamic beam with `tree_widths`, default `(4, 16, 16, 16, 16)`), or `"cape"`
                 (a greedy spine of `num_draft_tokens` with confidence-dependent side candidates, `cape_bins`).

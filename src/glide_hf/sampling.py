@@ -9,11 +9,12 @@ node's draw. Every emitted token is therefore a draw from the target given the a
 follows the target's distribution exactly. This holds because the draft chooses its candidates deterministically
 from its own logits (`tree.py`), independently of the verifier's random numbers, and sibling tokens are distinct.
 
-Logits are processed as `target.generate` does. Without history-dependent settings: temperature, then top-k, then
-top-p, then min-p (Transformers' own warpers, fp32), with end-of-sequence suppressed while fewer than
-`min_new_tokens` tokens exist, all on the device. With a user `logits_processor` or settings such as
-`repetition_penalty`, the engine applies Transformers' whole processor list to each node with that node's own
-history (prompt, tokens so far, the node's ancestors) before calling `verify_tree`.
+Logits are processed as `target.generate` does, on the device: the repetition penalty over each node's own history
+(`apply_repetition_penalty`), end-of-sequence suppressed while fewer than `min_new_tokens` tokens exist, then
+temperature, top-k, top-p and min-p (Transformers' own warpers, fp32). With a user `logits_processor` or other
+history-dependent settings (`no_repeat_ngram_size`, ...), the engine instead applies Transformers' whole processor
+list to each node with that node's own history (prompt, tokens so far, the node's ancestors), on the host, before
+calling `verify_tree`.
 """
 
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .tree import DraftTree
 
 __all__ = [
     "Verdict",
+    "apply_repetition_penalty",
     "build_warpers",
     "check_generation_config",
     "needs_token_histories",
@@ -62,8 +64,34 @@ _HISTORY_DEPENDENT = {
 
 
 def needs_token_histories(config: GenerationConfig) -> bool:
-    """Whether `config` asks for a logits processor that reads each token's history (repetition penalty, ...)."""
-    return any(getattr(config, name, neutral) not in (None, neutral) for name, neutral in _HISTORY_DEPENDENT.items())
+    """Whether `config` asks for a logits processor that reads each token's history and that the engine does not
+    run on the device (the repetition penalty alone runs there: `apply_repetition_penalty`)."""
+    return any(
+        getattr(config, name, neutral) not in (None, neutral)
+        for name, neutral in _HISTORY_DEPENDENT.items()
+        if name != "repetition_penalty"
+    )
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, path_tokens: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Transformers' repetition penalty at every tree node, on the device.
+
+    `logits` `[B, N, V]`; `seen` `[B, V]` bool: the tokens of each row's prompt and output so far (its root
+    included); `path_tokens` `[B, N, D]`: each node's own tokens below the root, padded with tokens of `seen`.
+    A token of a node's history has its logit divided by `penalty` when positive and multiplied when negative, once,
+    as `RepetitionPenaltyLogitsProcessor` does for the history `prompt + output + path`.
+    """
+
+    def penalized(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(values < 0, values * penalty, values / penalty)
+
+    logits = torch.where(seen[:, None, :], penalized(logits), logits)
+    # Path tokens the row has not seen yet; a token repeated along a path gets the same value at each occurrence.
+    fresh = ~seen.gather(1, path_tokens.flatten(1)).view_as(path_tokens)
+    values = logits.gather(2, path_tokens)
+    return logits.scatter(2, path_tokens, torch.where(fresh, penalized(values), values))
 
 
 def check_generation_config(config: GenerationConfig) -> None:
