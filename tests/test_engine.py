@@ -160,6 +160,13 @@ def _chi_square(counts, probabilities):
     return float(((counts - expected) ** 2 / expected).sum())
 
 
+def _two_token_chi_square(out, probabilities):
+    """Chi-square of the last two tokens of each row of `out` against `probabilities` over the 64 cells."""
+    counts = torch.zeros(8, 8)
+    counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
+    return _chi_square(counts, probabilities)
+
+
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_sampling_follows_the_target_distribution(strategy):
     """Chi-square over the 64 cells of the first two tokens, 4000 rows in one batch (fixed seed, alpha 0.001)."""
@@ -168,9 +175,7 @@ def test_sampling_follows_the_target_distribution(strategy):
     out = draft.generate(
         prompt.repeat(4000, 1), max_new_tokens=2, do_sample=True, pad_token_id=0, **STRATEGIES[strategy]
     )
-    counts = torch.zeros(8, 8)
-    counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
-    assert _chi_square(counts, exact) < CHI2_CRITICAL_63_DOF
+    assert _two_token_chi_square(out, exact) < CHI2_CRITICAL_63_DOF
 
 
 def test_the_sampling_test_rejects_a_sampler_that_trusts_the_draft():
@@ -186,9 +191,7 @@ def test_the_sampling_test_rejects_a_sampler_that_trusts_the_draft():
         num_draft_tokens=1,
         forced_acceptance=1,
     )
-    counts = torch.zeros(8, 8)
-    counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
-    assert _chi_square(counts, exact) > CHI2_CRITICAL_63_DOF
+    assert _two_token_chi_square(out, exact) > CHI2_CRITICAL_63_DOF
 
 
 def test_top_k_and_top_p_keep_samples_in_the_targets_support():
@@ -546,9 +549,7 @@ def test_num_return_sequences_samples_each_prompt_from_the_target_distribution(s
         **STRATEGIES[strategy],
     )
     assert out.shape == (4000, prompt.shape[1] + 2)
-    counts = torch.zeros(8, 8)
-    counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
-    assert _chi_square(counts, exact) < CHI2_CRITICAL_63_DOF
+    assert _two_token_chi_square(out, exact) < CHI2_CRITICAL_63_DOF
     two_prompts = torch.tensor([[3, 4, 5, 6], [6, 5, 4, 3]])
     out = draft.generate(two_prompts, max_new_tokens=3, do_sample=True, pad_token_id=0, num_return_sequences=3)
     assert out.shape == (6, 7)
@@ -641,6 +642,4 @@ def test_sampling_with_a_repetition_penalty_follows_the_penalised_target_distrib
         repetition_penalty=2.0,
         **STRATEGIES[strategy],
     )
-    counts = torch.zeros(8, 8)
-    counts.index_put_((out[:, -2], out[:, -1]), torch.ones(out.shape[0]), accumulate=True)
-    assert _chi_square(counts, exact) < CHI2_CRITICAL_63_DOF
+    assert _two_token_chi_square(out, exact) < CHI2_CRITICAL_63_DOF
