@@ -237,6 +237,8 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent(
     prompt = reference["input_ids"][:1]
     assisted = target.generate(prompt, assistant_model=draft, max_new_tokens=24, do_sample=False)
     greedy = target.generate(prompt, max_new_tokens=24, do_sample=False)
+    engine = draft.generate(prompt, max_new_tokens=24, do_sample=False, draft_strategy="tree", tree_widths=(2, 3))
+    split = draft.generate(prompt, max_new_tokens=24, do_sample=False, verify_attention="split")
     torch.save(
         {
             "spec_found": spec_found,
@@ -248,6 +250,9 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent(
             "logits": logits,
             "assisted": assisted,
             "greedy": greedy,
+            "engine": engine,
+            "split": split,
+            "engine_module": type(draft).generate.__module__,
         },
         results_path,
     )
@@ -305,6 +310,14 @@ def test_remote_code_draft_as_assistant_keeps_greedy_output(remote_code_results)
     assisted, greedy = remote_code_results["assisted"], remote_code_results["greedy"]
     assert greedy.shape[1] > INPUT_IDS.shape[1]
     assert torch.equal(assisted, greedy)
+
+
+def test_remote_code_engine_keeps_greedy_output(remote_code_results):
+    """The engine and its modules (tree, sampling, caches, split attention) travel with the remote code."""
+    greedy = remote_code_results["greedy"]
+    assert torch.equal(remote_code_results["engine"], greedy)
+    assert torch.equal(remote_code_results["split"], greedy)
+    assert remote_code_results["engine_module"].startswith("transformers_modules.")
 
 
 # --- push_to_hub, captured offline --------------------------------------------------------------------------------
