@@ -44,9 +44,9 @@ __all__ = [
     "verify_tree",
 ]
 
-# Settings whose processors read each token's history; a tree would need a history per node for them.
+# Settings whose processors read each token's history and run on the host, per tree node (the repetition penalty,
+# which also reads histories, runs on the device instead: `apply_repetition_penalty`).
 _HISTORY_DEPENDENT = {
-    "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
     "encoder_repetition_penalty": 1.0,
     "bad_words_ids": None,
@@ -66,11 +66,7 @@ _HISTORY_DEPENDENT = {
 def needs_token_histories(config: GenerationConfig) -> bool:
     """Whether `config` asks for a logits processor that reads each token's history and that the engine does not
     run on the device (the repetition penalty alone runs there: `apply_repetition_penalty`)."""
-    return any(
-        getattr(config, name, neutral) not in (None, neutral)
-        for name, neutral in _HISTORY_DEPENDENT.items()
-        if name != "repetition_penalty"
-    )
+    return any(getattr(config, name, neutral) not in (None, neutral) for name, neutral in _HISTORY_DEPENDENT.items())
 
 
 def apply_repetition_penalty(
