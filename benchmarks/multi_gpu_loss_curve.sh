@@ -9,21 +9,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 source benchmarks/_gpu_env.sh
-export PYTHONPATH=$PYTHONPATH:$PWD/tests
-HAVE_DEEPSPEED=0
-if compgen -G ".whl/deepspeed/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/deepspeed/*.whl && HAVE_DEEPSPEED=1
-fi
-export HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=4
-LOG="$OUT/multi_gpu_loss_curve.log"; : >"$LOG"
-WORK=${WORK:-/tmp/glide_multi_gpu}; rm -rf "$WORK"; mkdir -p "$WORK"
+LOG="$OUT/multi_gpu_loss_curve.log"
+WORK=${WORK:-/tmp/glide_multi_gpu}
 STEPS=${STEPS:-40}; GLOBAL_BATCH=16; NUM_GPUS=2; RUN_TIMEOUT_S=150
-
-print_gpus | tee -a "$LOG"
-python3 -c 'import torch, transformers, accelerate; print("torch", torch.__version__, "transformers",
-  transformers.__version__, "accelerate", accelerate.__version__)' | tee -a "$LOG"
-python3 benchmarks/multi_gpu_loss_curve.py prepare "$WORK" 2>&1 | tee -a "$LOG" || exit 1
+source benchmarks/_multi_gpu_env.sh
 
 common=(
   --target "$WORK/target" --data "$WORK/data.jsonl" --data-cache-dir "$WORK/cache" --max-length 512 --packing

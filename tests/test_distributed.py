@@ -207,6 +207,86 @@ def test_ddp_resume_reproduces_the_uninterrupted_ddp_run(ddp_run, target_dir, tm
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
+# --- FSDP2 checkpoints hold the draft only: the two functions GlideTrainer saves and resumes with, on CPU (gloo) ----
+
+FSDP_ROUND_TRIP = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+    import torch.distributed as dist
+    from conftest import build_tiny_target
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from glide_hf import GlideConfigError, GlideForCausalLM
+    from glide_hf.trainer import gather_fsdp_draft_state_dict, load_draft_weights_into_fsdp
+
+    def sharded_draft(seed):
+        target = build_tiny_target("llama")
+        torch.manual_seed(seed)
+        draft = GlideForCausalLM.from_target(target)
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in [*target.model.layers, draft.model.layer, draft]:  # as fsdp.yaml wraps them
+            fully_shard(layer, mesh=mesh)
+        return draft
+
+    def full_state(model):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    dist.init_process_group("gloo")
+    rank, folder, partial_folder = dist.get_rank(), sys.argv[1], sys.argv[2]
+    trained = sharded_draft(seed=1)
+    state_dict = gather_fsdp_draft_state_dict(trained)
+    if rank == 0:
+        trainable = {name for name, param in trained.named_parameters() if param.requires_grad}
+        assert trainable and trainable <= state_dict.keys(), sorted(trainable - state_dict.keys())
+        assert not [name for name in state_dict if "target." in name], sorted(state_dict)
+        trained.save_pretrained(folder, state_dict=state_dict)
+        dropped = sorted(trainable)[0]
+        trained.save_pretrained(partial_folder, state_dict={k: v for k, v in state_dict.items() if k != dropped})
+    else:
+        assert state_dict == {}  # gathered to the main process only
+    dist.barrier()
+
+    resumed = sharded_draft(seed=2)
+    before = full_state(resumed)
+    load_draft_weights_into_fsdp(resumed, folder)
+    expected, after = full_state(trained), full_state(resumed)
+    if rank == 0:
+        for name, tensor in after.items():
+            source = before if "target." in name else expected  # the target keeps its own weights
+            assert torch.equal(tensor, source[name]), name
+        assert not torch.equal(after["model.layer.mlp.down_proj.weight"], before["model.layer.mlp.down_proj.weight"])
+    try:
+        load_draft_weights_into_fsdp(resumed, partial_folder)
+        raise AssertionError("a checkpoint without a draft tensor loaded")
+    except GlideConfigError as error:
+        assert "lacks 1 trainable draft tensor" in str(error), error
+    dist.destroy_process_group()
+    print(f"rank {rank} ok")
+    """
+)
+
+
+def test_fsdp2_draft_state_round_trips_without_the_target(tmp_path):
+    script = tmp_path / "fsdp_round_trip.py"
+    script.write_text(FSDP_ROUND_TRIP)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(NUM_PROCESSES),
+        "--master-port", str(free_port()), str(script), str(tmp_path / "draft"), str(tmp_path / "partial"),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert all(f"rank {rank} ok" in result.stdout for rank in range(NUM_PROCESSES)), result.stdout
+
+
 # --- the other example configs: accelerate runs FSDP and DeepSpeed on GPUs only, so they are only parsed here -------
 
 

@@ -274,3 +274,26 @@ def test_training_forward_stops_the_target_after_the_layer_it_reads():
     target(ids, cache=full, use_cache=True)
     keys, values = draft.model.capture_target_kv(ids, torch.ones_like(ids), torch.arange(8)[None])
     assert torch.equal(keys, full.layers[1].keys) and torch.equal(values, full.layers[1].values)
+
+
+def test_a_state_dict_without_the_target_loads_strictly_and_a_missing_draft_tensor_still_fails():
+    # DeepSpeed resumes with a strict `load_state_dict` from an engine checkpoint that leaves the frozen target out.
+    target = build_target()
+    trained, fresh = build_draft(target, seed=1), build_draft(target, seed=2)
+    draft_only = {name: tensor for name, tensor in trained.state_dict().items() if ".target." not in name}
+    assert len(draft_only) < len(trained.state_dict())
+    fresh.load_state_dict(draft_only, strict=True)
+    ids = random_ids(1, 12)
+    torch.testing.assert_close(fresh(ids).logits, trained(ids).logits, rtol=0, atol=0)
+    del draft_only["model.layer.mlp.down_proj.weight"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*model\.layer\.mlp\.down_proj\.weight"):
+        fresh.load_state_dict(draft_only, strict=True)
+    # The glide model alone (keys without the `model.` prefix) forgives its target too.
+    fresh.model.load_state_dict(
+        {
+            k.removeprefix("model."): v
+            for k, v in trained.state_dict().items()
+            if ".target." not in k and k.startswith("model.")
+        },
+        strict=True,
+    )

@@ -657,6 +657,13 @@ def _is_target_key(name: str) -> bool:
     return name.startswith(f"{TARGET_MODULE_NAME}.") or f".{TARGET_MODULE_NAME}." in name
 
 
+def _forgive_missing_target_keys(module: nn.Module, incompatible_keys) -> None:
+    """`load_state_dict` post-hook: the frozen target is not part of the draft's state, so a state dict without its
+    tensors (a draft-only checkpoint, DeepSpeed's or FSDP's resume state) loads strictly; a missing draft tensor is
+    still reported."""
+    incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not _is_target_key(key)]
+
+
 def _check_is_glide_checkpoint(name_or_path, kwargs: dict) -> None:
     hub_kwargs = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only") if key in kwargs}
     try:
@@ -700,6 +707,7 @@ class GlideModel(GlidePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
         self._cache_recorder = _TargetCacheRecorder()
+        self.register_load_state_dict_post_hook(_forgive_missing_target_keys)
         if target_model is not None:
             self.attach_target(target_model)
 

@@ -37,9 +37,9 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
-from transformers.utils import logging
+from transformers.utils import SAFE_WEIGHTS_NAME, logging
 
 from .bench import count_forward_calls
 from .cli import cli_logging
@@ -475,6 +475,16 @@ class GlideTrainer(Trainer):
     # Set only while `_save_checkpoint` runs: the folder that Trainer's own checkpoint code takes as `output_dir`.
     _checkpoint_staging_dir: str | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            raise GlideConfigError(
+                f"FSDP with `fsdp_state_dict_type: {self.accelerator.state.fsdp_plugin.state_dict_type}`: GLIDE "
+                "checkpoints and the final output hold the draft's weights as a full state dict (`model.safetensors`"
+                ", without the frozen target). Set `fsdp_state_dict_type: FULL_STATE_DICT` in the accelerate config "
+                "(examples/accelerate/fsdp.yaml does)."
+            )
+
     def _get_output_dir(self, trial) -> str:
         # Trainer's `_save_checkpoint` writes to `_get_output_dir(trial)/checkpoint-N` and reads nothing else there
         # but the best checkpoint, fixed up below; pointing it at the staging folder makes it write there.
@@ -518,6 +528,102 @@ class GlideTrainer(Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()  # the checkpoint exists under its name on every process's return
+
+    # Draft-only checkpoints under DeepSpeed and FSDP. Trainer leaves frozen weights out of their checkpoints only for
+    # PEFT models; a GLIDE draft's frozen target would otherwise be gathered and written at every save (16 GB for an
+    # 8B target). Here the draft's weights are `model.safetensors` (`save_model`, gathering trainable tensors only);
+    # DeepSpeed's engine state holds the draft's weights and optimizer shards; FSDP's holds the optimizer only, and
+    # the weights resume from `model.safetensors`. Loads accept the missing target (`_forgive_missing_target_keys`).
+    # PEFT drafts keep Trainer's own handling (adapter-only states).
+
+    @property
+    def _sharded_draft_only(self) -> bool:
+        from accelerate.utils import is_peft_model
+
+        return (self.is_deepspeed_enabled or self.is_fsdp_enabled) and not is_peft_model(self.model)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        engine = self.model_wrapped
+        if self._sharded_draft_only and self.is_fsdp_enabled:
+            state_dict = gather_fsdp_draft_state_dict(self.model)
+        elif self._sharded_draft_only and _deepspeed_gathers_16bit_weights(engine):
+            state_dict = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        else:  # DDP, one device, ZeRO-1/2 (weights not sharded), PEFT
+            super().save_model(output_dir, _internal_call)
+            return
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._sharded_draft_only:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        if self.is_deepspeed_enabled:
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        else:
+            from accelerate.utils import save_fsdp_optimizer
+
+            plugin = self.accelerator.state.fsdp_plugin
+            save_fsdp_optimizer(plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
+        # As Trainer: DeepSpeed's engine checkpoint holds its own scheduler, not one that Trainer created.
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self._sharded_draft_only and self.is_fsdp_enabled:
+            load_draft_weights_into_fsdp(model if model is not None else self.model_wrapped, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if self._sharded_draft_only and self.is_fsdp_enabled:
+            load_draft_weights_into_fsdp(self.model_wrapped, self.state.best_model_checkpoint)
+        else:
+            super()._load_best_model()
+
+
+def _deepspeed_gathers_16bit_weights(engine) -> bool:
+    """ZeRO-3 with `stage3_gather_16bit_weights_on_model_save` (otherwise Trainer saves engine shards only)."""
+    return engine.zero_optimization_partition_weights() and engine.zero_gather_16bit_weights_on_model_save()
+
+
+def gather_fsdp_draft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) trainable tensors and buffers of an FSDP-wrapped GLIDE model, on the CPU of the main
+    process (empty elsewhere): the frozen target's weights are neither gathered nor returned. Every process calls it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+def load_draft_weights_into_fsdp(model: torch.nn.Module, checkpoint_dir: str) -> None:
+    """Load a checkpoint's draft weights (`model.safetensors`) into an FSDP-wrapped GLIDE model on every process.
+
+    Each process reads the (one-layer) draft file and keeps its own shard of each tensor; the frozen target keeps the
+    weights it was loaded with. Raises `GlideConfigError` when the file is missing or lacks a draft tensor.
+    """
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    path = os.path.join(checkpoint_dir, SAFE_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise GlideConfigError(
+            f"`{checkpoint_dir}` has no `{SAFE_WEIGHTS_NAME}`: FSDP runs resume the draft's weights from it. Was the "
+            "checkpoint written with `fsdp_state_dict_type: FULL_STATE_DICT` by glide-hf?"
+        )
+    state_dict = load_file(path)
+    expected = {name for name, param in model.named_parameters() if param.requires_grad}
+    missing = sorted(expected - state_dict.keys())
+    if missing:
+        raise GlideConfigError(
+            f"`{path}` lacks {len(missing)} trainable draft tensor(s), e.g. `{missing[0]}`: it is not a checkpoint "
+            "of this draft."
+        )
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def _remove_staging_leftovers(run_dir: str) -> None:
