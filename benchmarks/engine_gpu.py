@@ -11,7 +11,8 @@ Measures, in one process on one card (issue 3, item 8):
 - engine tokens/s on a 16k-token prompt at forced acceptance 3, split and masked, against vanilla `generate`;
 - engine tokens/s with a 5-token chain at forced acceptance 1, 2, 3, 3.5 (rounds of 3 and 4), 4 and 5
   (BENCHMARK-ONLY switch: the engine pretends the first k drafts matched, so the output is NOT the target's; it
-  isolates speed from draft quality);
+  isolates speed from draft quality); at forced 3.5 also with the draft over a quarter of the vocabulary, and with 4x
+  as many new tokens (vanilla static `generate` rerun at that length);
 - engine tokens/s at batch 1, 4 and 16 (forced acceptance 3) against vanilla `generate` at the same batch;
 - greedy exactness of the engine on a 32k-token prompt (a smaller fp32 Llama, where ties cannot flip), masked and
   split (fp32: the split's reference prefix), and agreement of the split (flash) and masked engines in bf16.
@@ -116,7 +117,7 @@ def engine_tokens_per_second(draft, prompt, new_tokens: int, **kwargs) -> tuple[
             **kwargs,
         )
 
-    seconds = cuda_time(run, repeats=3, warmup=1)
+    seconds = cuda_time(run, repeats=5, warmup=1)
     out = outputs["out"]
     return float(out.new_tokens.sum()) / seconds, out.tokens_per_target_forward
 
@@ -297,6 +298,21 @@ def main() -> int:
         )
         results[f"engine_forced_{accepted}_tok_s"] = tok_s
         results[f"engine_forced_{accepted}_tau"] = tau
+    # The draft step over a quarter of the vocabulary (forced acceptance ignores what the draft proposes).
+    draft.set_draft_vocabulary(torch.arange(draft.config.vocab_size // 4))
+    results["engine_forced_3.5_quarter_vocab_tok_s"], _ = engine_tokens_per_second(
+        draft, prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=3.5
+    )
+    draft.set_draft_vocabulary(None)
+    # Longer outputs spread the per-call prefill and graph capture over more tokens.
+    long_output = 4 * args.new_tokens
+    results["long_output_new_tokens"] = long_output
+    results["long_output_vanilla_static_tok_s"] = vanilla_tokens_per_second(
+        target, prompt, long_output, cache_implementation="static"
+    )
+    results["long_output_engine_forced_3.5_tok_s"], _ = engine_tokens_per_second(
+        draft, prompt, long_output, num_draft_tokens=5, forced_acceptance=3.5
+    )
     results["engine_forced_3_split_tok_s"] = engine_tokens_per_second(
         draft, prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=3, verify_attention="split"
     )[0]
@@ -368,6 +384,12 @@ def main() -> int:
         for b in (1, 4, 16)
     ]
     print("batch (vanilla / engine forced 3): " + ", ".join(batches))
+    print(
+        f"forced 3.5, draft over a quarter of the vocabulary: {results['engine_forced_3.5_quarter_vocab_tok_s']:.1f} "
+        f"tok/s; {results['long_output_new_tokens']} new tokens: vanilla static "
+        f"{results['long_output_vanilla_static_tok_s']:.1f}, engine forced 3.5 "
+        f"{results['long_output_engine_forced_3.5_tok_s']:.1f} tok/s"
+    )
     return 0
 
 

@@ -175,3 +175,23 @@ def test_repetition_penalty_with_cuda_graphs_equals_the_target_on_cuda():
     settings = dict(max_new_tokens=30, do_sample=False, repetition_penalty=1.3, eos_token_id=None)
     expected = target.generate(prompt, **settings)
     assert torch.equal(draft.generate(prompt, use_cuda_graphs=True, draft_strategy="tree", **settings), expected)
+
+
+def test_later_calls_capture_without_a_warm_up_round_and_keep_greedy_output_on_cuda(monkeypatch):
+    """The eager warm-up round runs once per code path per draft; later calls (other shapes) capture straight away."""
+    import glide_hf.engine as engine
+
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    eager_rounds = []
+    real_round = engine._round
+    monkeypatch.setattr(
+        engine, "_round", lambda *a: eager_rounds.append(torch.cuda.is_current_stream_capturing()) or real_round(*a)
+    )
+    for length, batch in ((9, 1), (23, 2), (40, 3)):  # other slot counts and batch sizes: new graphs each time
+        prompt = random_ids(batch, length, seed=length).cuda()
+        settings = dict(max_new_tokens=24, do_sample=False, eos_token_id=None)
+        out = draft.generate(prompt, use_cuda_graphs=True, draft_strategy="tree", tree_widths=(3, 4), **settings)
+        assert torch.equal(out, target.generate(prompt, **settings))
+    # First call: one warm-up round (not capturing) and one capture; later calls: a capture each, no warm-up.
+    assert eager_rounds == [False, True, True, True]

@@ -506,9 +506,14 @@ class _RoundRunner:
     """Runs rounds eagerly, or as one captured CUDA graph per batch shape.
 
     A whole round has static shapes (rows, tree nodes, cache slots) and no host synchronisation, so on CUDA it is
-    captured once, after one eager warm-up round, and then replayed: one launch instead of hundreds of small kernels
-    and Python calls. Dropping finished rows changes the shapes: the graphs are then captured again. A chain whose
-    length the heuristic schedule changes gets one graph per length.
+    captured once and then replayed: one launch instead of hundreds of small kernels and Python calls. Dropping
+    finished rows changes the shapes: the graphs are then captured again. A chain whose length the heuristic schedule
+    changes gets one graph per length.
+
+    Before its first capture a round runs once eagerly on a side stream, as CUDA graph capture asks (libraries and
+    kernels initialise lazily on first use, which capture does not allow). That warm-up costs about four replayed
+    rounds, so it is done once per code path (`_round_code_path`) per draft, not once per `generate` call: the draft
+    remembers the paths it has warmed.
     """
 
     def __init__(self, call: _Call, rows: _Rows, output: torch.Tensor) -> None:
@@ -516,6 +521,10 @@ class _RoundRunner:
         # One graph per tree shape (a chain's length changes under the heuristic schedule), with its result.
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, _RoundResult]] = {}
         self.warm: set[int] = set()
+        draft = call.draft
+        if getattr(draft, "_warm_round_code_paths", None) is None:
+            draft._warm_round_code_paths = set()
+        self.warm_code_paths: set = draft._warm_round_code_paths
 
     def invalidate(self) -> None:
         self.graphs, self.warm = {}, set()
@@ -528,13 +537,15 @@ class _RoundRunner:
             graph, result = self.graphs[shape]
             graph.replay()
             return result
-        if shape not in self.warm:  # warm up on a side stream, as CUDA graph capture asks
+        code_path = _round_code_path(self.call)
+        if shape not in self.warm and code_path not in self.warm_code_paths:  # warm up on a side stream
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 result = _round(self.call, self.rows, self.output)
             torch.cuda.current_stream().wait_stream(side)
             self.warm.add(shape)
+            self.warm_code_paths.add(code_path)
             return result
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -542,6 +553,21 @@ class _RoundRunner:
         self.graphs[shape] = (graph, result)
         graph.replay()
         return result
+
+
+def _round_code_path(call: _Call) -> tuple:
+    """What decides which kernels and libraries a round uses (its shapes aside): one warm-up round per value."""
+    return (
+        str(call.eos_tensor.device),
+        call.target.config._attn_implementation,
+        call.policy.kind,
+        call.config.do_sample,
+        call.split_verify,
+        call.fused_prefix,
+        call.repetition_penalty is not None,
+        call.draft_vocab_ids is not None,
+        call.forced_acceptance is not None,
+    )
 
 
 def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
