@@ -17,7 +17,8 @@ Measures, in one process on one card (issue 3, item 8):
 - greedy exactness of the engine on a 32k-token prompt (a smaller fp32 Llama, where ties cannot flip), masked and
   split (fp32: the split's reference prefix), and agreement of the split (flash) and masked engines in bf16.
 
-Run: `python benchmarks/engine_gpu.py --out DIR` (prints a table, writes engine_gpu.json).
+Run: `python benchmarks/engine_gpu.py --out DIR` (prints a table, writes engine_gpu.json); `--forced-only` measures
+only the vanilla baselines and the forced-acceptance rows (engine_gpu_forced.json).
 """
 
 import argparse
@@ -267,12 +268,61 @@ def long_context_exactness(context: int, new_tokens: int, tiny: bool) -> dict:
     return results
 
 
+def forced_acceptance_rows(target, draft, prompt, new_tokens: int) -> dict:
+    """Engine tokens/s (and tokens per target forward) at forced acceptance 1-5, a 5-token chain; at 3.5 also with a
+    quarter-vocabulary draft head and with 4x the new tokens (vanilla static `generate` rerun at that length)."""
+    results = {}
+    for accepted in (1, 2, 3, 3.5, 4, 5):
+        tok_s, tau = engine_tokens_per_second(
+            draft, prompt, new_tokens, num_draft_tokens=5, forced_acceptance=accepted
+        )
+        results[f"engine_forced_{accepted}_tok_s"] = tok_s
+        results[f"engine_forced_{accepted}_tau"] = tau
+    # The draft step over a quarter of the vocabulary (forced acceptance ignores what the draft proposes).
+    draft.set_draft_vocabulary(torch.arange(draft.config.vocab_size // 4))
+    results["engine_forced_3.5_quarter_vocab_tok_s"], results["engine_forced_3.5_quarter_vocab_tau"] = (
+        engine_tokens_per_second(draft, prompt, new_tokens, num_draft_tokens=5, forced_acceptance=3.5)
+    )
+    draft.set_draft_vocabulary(None)
+    # Longer outputs spread the per-call prefill and graph capture over more tokens.
+    long_output = 4 * new_tokens
+    results["long_output_new_tokens"] = long_output
+    results["long_output_vanilla_static_tok_s"] = vanilla_tokens_per_second(
+        target, prompt, long_output, cache_implementation="static"
+    )
+    results["long_output_engine_forced_3.5_tok_s"], results["long_output_engine_forced_3.5_tau"] = (
+        engine_tokens_per_second(draft, prompt, long_output, num_draft_tokens=5, forced_acceptance=3.5)
+    )
+    return results
+
+
+def print_forced_rows(results: dict) -> None:
+    print(
+        "engine (FORCED acceptance, benchmark only): "
+        + ", ".join(
+            f"{k}: {results[f'engine_forced_{k}_tok_s']:.1f} (tau {results[f'engine_forced_{k}_tau']:.2f})"
+            for k in (1, 2, 3, 3.5, 4, 5)
+        )
+        + " tok/s"
+    )
+    print(
+        f"forced 3.5, draft over a quarter of the vocabulary: {results['engine_forced_3.5_quarter_vocab_tok_s']:.1f} "
+        f"tok/s (tau {results['engine_forced_3.5_quarter_vocab_tau']:.2f}); {results['long_output_new_tokens']} new "
+        f"tokens: vanilla static {results['long_output_vanilla_static_tok_s']:.1f}, engine forced 3.5 "
+        f"{results['long_output_engine_forced_3.5_tok_s']:.1f} tok/s (tau "
+        f"{results['long_output_engine_forced_3.5_tau']:.2f})"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-long", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="small model, short runs: a smoke test of this script")
+    parser.add_argument(
+        "--forced-only", action="store_true", help="only the vanilla baselines and the forced-acceptance rows"
+    )
     args = parser.parse_args()
     model_fields = TINY if args.tiny else LLAMA3_8B
     contexts = (64, 256) if args.tiny else (1024, 4096, 16384)
@@ -281,7 +331,7 @@ def main() -> int:
 
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__}
-    if not args.skip_long:
+    if not (args.skip_long or args.forced_only):
         results.update(long_context_exactness(long_context, 32, args.tiny))
     target, draft = build(model_fields, torch.float32 if args.tiny else torch.bfloat16)
     prompt = prompt_of(128)
@@ -289,30 +339,21 @@ def main() -> int:
     results["vanilla_static_tok_s"] = vanilla_tokens_per_second(
         target, prompt, args.new_tokens, cache_implementation="static"
     )
+    if args.forced_only:
+        results.update(forced_acceptance_rows(target, draft, prompt, args.new_tokens))
+        with open(os.path.join(args.out, "engine_gpu_forced.json"), "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"\n{results['device']} | torch {results['torch']} | transformers {results['transformers']}")
+        print(
+            f"vanilla generate: dynamic {results['vanilla_dynamic_tok_s']:.1f} tok/s, static "
+            f"{results['vanilla_static_tok_s']:.1f} tok/s"
+        )
+        print_forced_rows(results)
+        return 0
     for context in contexts:
         results[f"steps_{context}"] = step_times(target, draft, context)
     results["draft_cache_bytes_long"] = step_times(target, draft, long_context)["draft_cache_bytes"]
-    for accepted in (1, 2, 3, 3.5, 4, 5):
-        tok_s, tau = engine_tokens_per_second(
-            draft, prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=accepted
-        )
-        results[f"engine_forced_{accepted}_tok_s"] = tok_s
-        results[f"engine_forced_{accepted}_tau"] = tau
-    # The draft step over a quarter of the vocabulary (forced acceptance ignores what the draft proposes).
-    draft.set_draft_vocabulary(torch.arange(draft.config.vocab_size // 4))
-    results["engine_forced_3.5_quarter_vocab_tok_s"], _ = engine_tokens_per_second(
-        draft, prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=3.5
-    )
-    draft.set_draft_vocabulary(None)
-    # Longer outputs spread the per-call prefill and graph capture over more tokens.
-    long_output = 4 * args.new_tokens
-    results["long_output_new_tokens"] = long_output
-    results["long_output_vanilla_static_tok_s"] = vanilla_tokens_per_second(
-        target, prompt, long_output, cache_implementation="static"
-    )
-    results["long_output_engine_forced_3.5_tok_s"], _ = engine_tokens_per_second(
-        draft, prompt, long_output, num_draft_tokens=5, forced_acceptance=3.5
-    )
+    results.update(forced_acceptance_rows(target, draft, prompt, args.new_tokens))
     results["engine_forced_3_split_tok_s"] = engine_tokens_per_second(
         draft, prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=3, verify_attention="split"
     )[0]
@@ -374,22 +415,12 @@ def main() -> int:
         f"bf16 greedy, split vs masked verification: first difference at token "
         f"{results['bf16_split_vs_masked_first_difference']} of {results['bf16_split_vs_masked_tokens']}"
     )
-    print(
-        "engine (FORCED acceptance, benchmark only): "
-        + ", ".join(f"{k}: {results[f'engine_forced_{k}_tok_s']:.1f}" for k in (1, 2, 3, 3.5, 4, 5))
-        + " tok/s"
-    )
+    print_forced_rows(results)
     batches = [
         f"B={b}: {results[f'batch_{b}_vanilla_tok_s']:.0f} / {results[f'batch_{b}_engine_forced3_tok_s']:.0f}"
         for b in (1, 4, 16)
     ]
     print("batch (vanilla / engine forced 3): " + ", ".join(batches))
-    print(
-        f"forced 3.5, draft over a quarter of the vocabulary: {results['engine_forced_3.5_quarter_vocab_tok_s']:.1f} "
-        f"tok/s; {results['long_output_new_tokens']} new tokens: vanilla static "
-        f"{results['long_output_vanilla_static_tok_s']:.1f}, engine forced 3.5 "
-        f"{results['long_output_engine_forced_3.5_tok_s']:.1f} tok/s"
-    )
     return 0
 
 

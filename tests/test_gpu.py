@@ -193,5 +193,24 @@ def test_later_calls_capture_without_a_warm_up_round_and_keep_greedy_output_on_c
         settings = dict(max_new_tokens=24, do_sample=False, eos_token_id=None)
         out = draft.generate(prompt, use_cuda_graphs=True, draft_strategy="tree", tree_widths=(3, 4), **settings)
         assert torch.equal(out, target.generate(prompt, **settings))
-    # First call: one warm-up round (not capturing) and one capture; later calls: a capture each, no warm-up.
-    assert eager_rounds == [False, True, True, True]
+    # First call: one warm-up round (not capturing), then captures only: one per call, and one more each time rows
+    # finish at different rounds (fewer rows, new shapes).
+    assert eager_rounds[0] is False and all(eager_rounds[1:]) and len(eager_rounds) >= 4, eager_rounds
+
+
+def test_fractional_forced_acceptance_alternates_under_cuda_graphs_in_every_call_on_cuda():
+    """Benchmark-only switch: 3.5 accepts 3, 4, 3, 4... drafts, also in calls whose first round is captured at once."""
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    prompt = random_ids(1, 10).cuda()
+    for _ in range(2):  # the second call captures without a warm-up round
+        out = draft.generate(
+            prompt,
+            max_new_tokens=40,
+            num_draft_tokens=5,
+            forced_acceptance=3.5,
+            eos_token_id=None,
+            return_dict_in_generate=True,
+        )
+        accepted = out.accepted_per_round[:-1, 0].tolist()  # the last round may be cut by max_new_tokens
+        assert accepted == [3, 4] * (len(accepted) // 2) + [3] * (len(accepted) % 2), accepted

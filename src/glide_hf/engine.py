@@ -124,7 +124,7 @@ class _Call:
     draft_head_bias: torch.Tensor | None = None
     accepted: list = field(default_factory=list)
     num_target_forwards: int = 0
-    forced_rounds: torch.Tensor | None = None  # benchmark only: rounds run so far, on the device
+    forced_rounds: torch.Tensor | None = None  # benchmark only: rounds run so far, on the device (a 0-d float64)
 
 
 def glide_generate(
@@ -457,6 +457,8 @@ def _prefill(
         fused_prefix=False,
         history_processors=history_processors,
         repetition_penalty=None if history_processors is not None else _repetition_penalty(config),
+        # Made here, not in the first round: a tensor created inside a captured round is re-made at every replay.
+        forced_rounds=None if forced_acceptance is None else torch.zeros((), dtype=torch.float64, device=device),
     )
     call.draft_vocab_ids, call.draft_head_weight, call.draft_head_bias = _draft_head(draft)
     root_tree = DraftTree.start(rows.roots, 1)
@@ -667,8 +669,6 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
     else:
         verdict = verify_tree(tree, processed, [], call.config.do_sample, max_depth=policy.depth)
     if call.forced_acceptance is not None:  # benchmark only: pretend the first k drafts matched
-        if call.forced_rounds is None:
-            call.forced_rounds = torch.zeros((), dtype=torch.float64, device=device)
         rounds, rate = call.forced_rounds, call.forced_acceptance
         verdict.num_accepted.copy_(((rounds + 1) * rate).floor().long() - (rounds * rate).floor().long())
         call.forced_rounds.add_(1)
