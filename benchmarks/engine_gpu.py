@@ -18,7 +18,8 @@ Measures, in one process on one card (issue 3, item 8):
   split (fp32: the split's reference prefix), and agreement of the split (flash) and masked engines in bf16.
 
 Run: `python benchmarks/engine_gpu.py --out DIR` (prints a table, writes engine_gpu.json); `--forced-only` measures
-only the vanilla baselines and the forced-acceptance rows (engine_gpu_forced.json).
+only the vanilla baselines and the forced-acceptance rows (engine_gpu_forced.json); `--quick` only the steps at 1k
+context and forced 3.5 (engine_gpu_quick.json).
 """
 
 import argparse
@@ -314,6 +315,36 @@ def print_forced_rows(results: dict) -> None:
     )
 
 
+def quick(args, model_fields: dict, context: int, results: dict) -> int:
+    """A short check of the draft step and forced 3.5 after a change (engine_gpu_quick.json)."""
+    target, draft = build(model_fields, torch.float32 if args.tiny else torch.bfloat16)
+    prompt = prompt_of(128)
+    results["vanilla_dynamic_tok_s"] = vanilla_tokens_per_second(target, prompt, args.new_tokens)
+    results[f"steps_{context}"] = steps = step_times(target, draft, context)
+    for name, vocabulary in (("", None), ("_quarter_vocab", torch.arange(draft.config.vocab_size // 4))):
+        draft.set_draft_vocabulary(vocabulary)
+        results[f"engine_forced_3.5{name}_tok_s"], results[f"engine_forced_3.5{name}_tau"] = engine_tokens_per_second(
+            draft, prompt, args.new_tokens, num_draft_tokens=5, forced_acceptance=3.5
+        )
+    draft.set_draft_vocabulary(None)
+    with open(os.path.join(args.out, "engine_gpu_quick.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    one_token = steps["verify_1_graph_ms"]
+    full, quarter = steps["draft_step_graph_ms"], steps["draft_step_quarter_vocab_graph_ms"]
+    print(f"\n{results['device']} | torch {results['torch']} | transformers {results['transformers']}")
+    print(
+        f"ctx {context}, graphs: target 1-token {one_token:.2f} ms (masked), {steps['split_1_graph_ms']:.2f} ms "
+        f"(split) | draft {full:.2f} ms ({100 * full / one_token:.1f}%), quarter vocabulary {quarter:.2f} ms "
+        f"({100 * quarter / one_token:.1f}%)"
+    )
+    print(
+        f"vanilla dynamic {results['vanilla_dynamic_tok_s']:.1f} tok/s | engine forced 3.5 (benchmark only): "
+        f"{results['engine_forced_3.5_tok_s']:.1f} tok/s, quarter vocabulary "
+        f"{results['engine_forced_3.5_quarter_vocab_tok_s']:.1f} tok/s"
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -323,6 +354,11 @@ def main() -> int:
     parser.add_argument(
         "--forced-only", action="store_true", help="only the vanilla baselines and the forced-acceptance rows"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only vanilla dynamic generate, the steps at 1k context and forced 3.5 (full and quarter vocabulary)",
+    )
     args = parser.parse_args()
     model_fields = TINY if args.tiny else LLAMA3_8B
     contexts = (64, 256) if args.tiny else (1024, 4096, 16384)
@@ -331,6 +367,8 @@ def main() -> int:
 
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__}
+    if args.quick:
+        return quick(args, model_fields, contexts[0], results)
     if not (args.skip_long or args.forced_only):
         results.update(long_context_exactness(long_context, 32, args.tiny))
     target, draft = build(model_fields, torch.float32 if args.tiny else torch.bfloat16)

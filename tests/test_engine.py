@@ -643,3 +643,22 @@ def test_sampling_with_a_repetition_penalty_follows_the_penalised_target_distrib
         **STRATEGIES[strategy],
     )
     assert _two_token_chi_square(out, exact) < CHI2_CRITICAL_63_DOF
+
+
+def test_the_rotary_table_holds_the_values_a_draft_step_would_compute():
+    """Draft steps gather (cos, sin) from a table made once per call: it must hold exactly what the target's rotary
+    embedding gives at each position, and it is not made for embeddings that rescale with the longest position."""
+    from glide_hf.engine import _rotary_table
+
+    target = build_target()
+    draft = build_draft(target)
+    cos, sin = _rotary_table(draft, target, 300, torch.device("cpu"))
+    positions = torch.tensor([[0, 7, 150], [299, 3, 64]])
+    like = torch.empty(1, 1, 1, dtype=draft.model.layer.input_layernorm.weight.dtype)
+    expected_cos, expected_sin = target.model.rotary_emb(like, positions)
+    assert torch.equal(cos[positions], expected_cos) and torch.equal(sin[positions], expected_sin)
+    scaled = build_target(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert _rotary_table(build_draft(scaled), scaled, 300, torch.device("cpu")) is None
+    prompt = random_ids(1, 12)
+    settings = dict(max_new_tokens=16, do_sample=False, eos_token_id=None)
+    assert torch.equal(build_draft(scaled).generate(prompt, **settings), scaled.generate(prompt, **settings))

@@ -297,3 +297,30 @@ def test_a_state_dict_without_the_target_loads_strictly_and_a_missing_draft_tens
         },
         strict=True,
     )
+
+
+def test_batched_drafting_cross_attention_equals_eager_with_several_queries():
+    """Drafting with a key-padding mask: sdpa attends the query heads of each key head as one group (no copy of the
+    target's keys per query head); it must equal eager's repeated-heads attention, for one query and for several."""
+    draft = build_draft(build_target())  # 4 query heads over 2 key heads
+    cross = draft.model.layer.cross_attn
+    torch.manual_seed(4)
+    hidden = torch.randn(2, 5, draft.config.hidden_size)
+    keys, values = torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 16)
+    padding = torch.ones(2, 13, dtype=torch.long)
+    padding[1, 9:] = 0  # row 1's verified prefix is 9 slots
+    position_ids = torch.arange(20, 25)[None].expand(2, -1)
+    cos_sin = draft.target.model.rotary_emb(hidden, position_ids)
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        draft.set_attn_implementation(implementation)
+        outputs[implementation] = [
+            cross(hidden[:, :queries], cos_sin_part, keys, values, key_padding_mask=padding)
+            for queries, cos_sin_part in ((1, tuple(t[:, :1] for t in cos_sin)), (5, cos_sin))
+        ]
+    for eager, sdpa in zip(outputs["eager"], outputs["sdpa"]):
+        torch.testing.assert_close(sdpa, eager, atol=1e-6, rtol=0)
+    changed = values.clone()
+    changed[1, :, 9:] += 1.0  # slots beyond row 1's prefix: no effect on it
+    again = cross(hidden, cos_sin, keys, changed, key_padding_mask=padding)
+    torch.testing.assert_close(again[1], outputs["sdpa"][1][1], atol=0, rtol=0)

@@ -122,6 +122,9 @@ class _Call:
     draft_vocab_ids: torch.Tensor | None = None
     draft_head_weight: torch.Tensor | None = None
     draft_head_bias: torch.Tensor | None = None
+    # The target's rotary (cos, sin) `[P, D]` for every position a draft step can take, made once per call; None for
+    # rotary embeddings whose values depend on the longest position seen (dynamic NTK, LongRoPE).
+    rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None
     accepted: list = field(default_factory=list)
     num_target_forwards: int = 0
     forced_rounds: torch.Tensor | None = None  # benchmark only: rounds run so far, on the device (a 0-d float64)
@@ -342,6 +345,20 @@ def _draft_head(draft) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor 
     return ids, head.weight.index_select(0, ids), bias
 
 
+def _rotary_table(draft, target, num_positions: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The target's rotary (cos, sin) `[P, D]` for positions 0..P-1 in the draft's dtype, computed as a draft step
+    would (the same elementwise values), so that each step gathers its rows instead of launching the rotary's own
+    kernels. None when the embedding rescales with the longest position it has seen."""
+    rotary = target.get_decoder().rotary_emb
+    rope_type = getattr(rotary, "rope_type", "default")
+    if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+        return None
+    dtype = draft.get_glide_model().layer.input_layernorm.weight.dtype
+    like = torch.empty(1, 1, 1, dtype=dtype, device=device)
+    cos, sin = rotary(like, torch.arange(num_positions, device=device)[None])
+    return cos[0], sin[0]
+
+
 def _check_policy_fits(policy: TreePolicy, vocab_size: int) -> None:
     """Each level can only hold as many nodes as its fed parents have distinct children."""
     parents = 1
@@ -461,6 +478,7 @@ def _prefill(
         forced_rounds=None if forced_acceptance is None else torch.zeros((), dtype=torch.float64, device=device),
     )
     call.draft_vocab_ids, call.draft_head_weight, call.draft_head_bias = _draft_head(draft)
+    call.rotary_table = _rotary_table(draft, target, num_slots + policy.depth + 1, device)
     root_tree = DraftTree.start(rows.roots, 1)
     if history_processors is not None:
         first_logits = torch.cat(
@@ -743,18 +761,23 @@ def _draft_step(call, tokens, positions, slots, query_nodes, tree, verified) -> 
     query_positions = positions[:, :, None]
     visible = (slot_positions[:, None, :] >= 0) & (slot_positions[:, None, :] <= query_positions)
     visible &= slot_positions[:, None, :] > query_positions - window
-    is_tree_slot = torch.arange(slot_positions.shape[1], device=tokens.device) >= ring.ring_size
     if query_nodes is None:
-        visible &= ~is_tree_slot
+        visible &= ring.is_ring_slot
     else:
         node_rows = tree.ancestors.gather(1, query_nodes[:, :, None].expand(-1, -1, tree.ancestors.shape[-1]))
         tree_visible = torch.zeros_like(visible)
         tree_visible[:, :, ring.ring_size : ring.ring_size + node_rows.shape[-1]] = node_rows
-        visible &= ~is_tree_slot | tree_visible
+        visible &= ring.is_ring_slot | tree_visible
     mask = _attention_mask(visible[:, None], call.draft.config._attn_implementation, torch.float32)
+    if call.rotary_table is not None:
+        cos, sin = call.rotary_table
+        position_embeddings = (cos[positions], sin[positions])
+    else:
+        position_embeddings = None
     hidden = call.draft.model(
         input_ids=tokens,
         position_ids=positions,
+        position_embeddings=position_embeddings,
         attention_mask=mask,
         cache=ring,
         use_cache=True,

@@ -71,11 +71,13 @@ class GlideRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Llama's RMSNorm (normalise in float32, scale in the input dtype), through torch's fused `rms_norm`: one
+        # kernel instead of five on CUDA, which counts in a draft step made of many small kernels.
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        normalized = nn.functional.rms_norm(
+            hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon
+        )
+        return self.weight * normalized.to(input_dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -254,9 +256,10 @@ class GlideCrossAttention(nn.Module):
         elif lag is None:
             # Drafting in a batch: each row sees its own verified prefix only (slots beyond it hold other tokens).
             visible = key_padding_mask[:, None, None, :].to(device=query_states.device, dtype=torch.bool)
-            attn_output = self._attend(
-                _masked_implementation(implementation), query_states, keys, values, mask=visible, is_causal=False
-            )
+            if _masked_implementation(implementation) == "sdpa":
+                attn_output = self._attend_grouped(query_states, keys, values, visible)
+            else:
+                attn_output = self._attend("eager", query_states, keys, values, mask=visible, is_causal=False)
         elif implementation != "eager" and _is_right_padded(key_padding_mask):
             attn_output = self._attend_with_shift(implementation, query_states, keys, values, lag)
         else:
@@ -270,6 +273,16 @@ class GlideCrossAttention(nn.Module):
             self, query, keys, values, mask, dropout=0.0, scaling=self.scaling, is_causal=is_causal
         )
         return attn_output  # [B, Q, H, D]
+
+    def _attend_grouped(self, query, keys, values, mask) -> torch.Tensor:
+        """sdpa for drafting, where every query of a row sees the same keys (`mask` `[B, 1, 1, K]`): the query heads
+        that share a key head attend as more query rows of it, so the target's keys are read as they are instead of
+        being copied once per query head (what grouped-query attention with a mask costs otherwise)."""
+        batch, heads, num_queries, head_dim = query.shape
+        num_key_heads = keys.shape[1]
+        grouped = query.reshape(batch, num_key_heads, heads // num_key_heads * num_queries, head_dim)
+        output = nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scaling)
+        return output.view(batch, heads, num_queries, head_dim).transpose(1, 2)  # [B, Q, H, D]
 
     def _attend_with_shift(self, implementation, query, keys, values, lag) -> torch.Tensor:
         """Training rule `key <= t - lag` as a plain causal attention of queries `lag:` onto keys `:-lag`.
@@ -775,6 +788,7 @@ class GlideModel(GlidePreTrainedModel):
         target_cache: Cache | None = None,
         draft_lag: int | None = None,
         target_attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -792,6 +806,9 @@ class GlideModel(GlidePreTrainedModel):
                 <= t - draft_lag. Default: random in `1..config.max_draft_lag` in training mode, 1 in eval mode.
             target_attention_mask (`torch.Tensor` of shape `[batch, target_slots]`, *optional*): with
                 `target_cache`, which of its slots each row may see (the GLIDE engine's per-row verified prefixes).
+            position_embeddings (`tuple(torch.Tensor, torch.Tensor)` of shape `[batch, seq, head_dim]`, *optional*):
+                the target's rotary (cos, sin) at `position_ids`, when the caller already holds them (the GLIDE
+                engine gathers them from a table made once per call). Computed from `position_ids` when absent.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -830,8 +847,8 @@ class GlideModel(GlidePreTrainedModel):
                 raise GlideConfigError(f"`draft_lag` must be an integer >= 1, got {lag!r}.")
         target_keys, target_values = target_kv if target_kv is not None else (None, None)
 
-        rotary_emb = target.get_decoder().rotary_emb
-        position_embeddings = rotary_emb(inputs_embeds, position_ids)
+        if position_embeddings is None:
+            position_embeddings = target.get_decoder().rotary_emb(inputs_embeds, position_ids)
         self_attention_mask = create_sliding_window_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,

@@ -119,10 +119,11 @@ class DraftRingCache(SlotCache):
         super().__init__(layers)
         self.ring_size = ring_size
         self.tree_slots = tree_slots
-        batch_size = layers[0].keys.shape[0]
-        self.slot_positions = torch.full(
-            (batch_size, ring_size + tree_slots), -1, dtype=torch.long, device=layers[0].keys.device
-        )
+        batch_size, device = layers[0].keys.shape[0], layers[0].keys.device
+        self.slot_positions = torch.full((batch_size, ring_size + tree_slots), -1, dtype=torch.long, device=device)
+        # Made once: draft steps build their masks from these instead of launching kernels to remake them.
+        self.is_tree_slot = torch.arange(ring_size + tree_slots, device=device) >= ring_size
+        self.is_ring_slot = ~self.is_tree_slot
 
     @classmethod
     def allocate_ring(
