@@ -282,7 +282,7 @@ class GlideCrossAttention(nn.Module):
         num_key_heads = keys.shape[1]
         grouped = query.reshape(batch, num_key_heads, heads // num_key_heads * num_queries, head_dim)
         output = nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scaling)
-        return output.view(batch, heads, num_queries, head_dim).transpose(1, 2)  # [B, Q, H, D]
+        return output.reshape(batch, heads, num_queries, head_dim).transpose(1, 2)  # [B, Q, H, D]
 
     def _attend_with_shift(self, implementation, query, keys, values, lag) -> torch.Tensor:
         """Training rule `key <= t - lag` as a plain causal attention of queries `lag:` onto keys `:-lag`.
