@@ -71,8 +71,8 @@ class GlideRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Llama's RMSNorm (normalise in float32, scale in the input dtype), through torch's fused `rms_norm`: one
-        # kernel instead of five on CUDA, which counts in a draft step made of many small kernels.
+        # Llama's RMSNorm (normalise in float32, scale in the input dtype) through torch's `rms_norm` op rather than
+        # five elementwise ops: fewer kernels where torch fuses it, which counts in a draft step of many small kernels.
         input_dtype = hidden_states.dtype
         normalized = nn.functional.rms_norm(
             hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon

@@ -586,7 +586,10 @@ class GlideTrainer(Trainer):
 
 
 def _deepspeed_gathers_16bit_weights(engine) -> bool:
-    """ZeRO-3 with `stage3_gather_16bit_weights_on_model_save` (otherwise Trainer saves engine shards only)."""
+    """ZeRO-3 with `stage3_gather_16bit_weights_on_model_save` (otherwise Trainer saves engine shards only); False
+    before `train()` has made the DeepSpeed engine."""
+    if not hasattr(engine, "zero_optimization_partition_weights"):
+        return False
     return engine.zero_optimization_partition_weights() and engine.zero_gather_16bit_weights_on_model_save()
 
 
