@@ -238,3 +238,24 @@ def test_acceptance_evaluation_is_skipped_under_an_fsdp_launch(monkeypatch, tmp_
     else:
         monkeypatch.setenv("ACCELERATE_USE_FSDP", variable)
     assert _weights_are_sharded(TrainingArguments(output_dir=str(tmp_path), report_to=[])) is sharded
+
+
+@pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
+def test_fsdp_needs_a_full_state_dict_for_draft_only_checkpoints(monkeypatch, state_dict_type):
+    """accelerate runs FSDP on GPUs only, so Trainer's setup is stood in for: the check reads what it leaves."""
+    from types import SimpleNamespace
+
+    from glide_hf import GlideConfigError
+    from glide_hf.trainer import GlideTrainer
+
+    def fsdp_trainer_init(self, *args, **kwargs):
+        self.is_fsdp_enabled = True
+        plugin = SimpleNamespace(state_dict_type=f"StateDictType.{state_dict_type}")
+        self.accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))
+
+    monkeypatch.setattr(Trainer, "__init__", fsdp_trainer_init)
+    if state_dict_type == "FULL_STATE_DICT":
+        GlideTrainer()
+    else:
+        with pytest.raises(GlideConfigError, match="fsdp_state_dict_type: FULL_STATE_DICT"):
+            GlideTrainer()
