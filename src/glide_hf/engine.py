@@ -582,6 +582,7 @@ def _round_code_path(call: _Call) -> tuple:
         call.target.config._attn_implementation,
         call.policy.kind,
         call.config.do_sample,
+        tuple(type(warper).__name__ for warper in call.warpers),  # top-k, top-p, ... launch their own kernels
         call.split_verify,
         call.fused_prefix,
         call.repetition_penalty is not None,
