@@ -662,3 +662,27 @@ def test_the_rotary_table_holds_the_values_a_draft_step_would_compute():
     prompt = random_ids(1, 12)
     settings = dict(max_new_tokens=16, do_sample=False, eos_token_id=None)
     assert torch.equal(build_draft(scaled).generate(prompt, **settings), scaled.generate(prompt, **settings))
+
+
+def test_the_warm_up_key_tells_apart_rounds_that_launch_other_kernels():
+    """CUDA graph capture skips the eager warm-up round for a code path the draft has warmed (`_RoundRunner`); the
+    key must separate sampling settings and strategies whose rounds launch other kernels, and nothing else."""
+    from transformers import GenerationConfig
+
+    from glide_hf.engine import _prefill, _round_code_path
+    from glide_hf.tree import chain
+
+    target = build_target()
+    draft = build_draft(target)
+
+    def key(prompt_length: int, **settings):
+        config = GenerationConfig(max_new_tokens=8, **settings)
+        prompt = random_ids(1, prompt_length)
+        call, _, _ = _prefill(draft, target, chain(3), config, prompt, torch.ones_like(prompt), 8, [], None, None)
+        hash(_round_code_path(call))
+        return _round_code_path(call)
+
+    greedy = key(10, do_sample=False)
+    assert key(25, do_sample=False) == greedy  # another prompt length: other shapes, the same kernels
+    sampled = key(10, do_sample=True, temperature=0.7)
+    assert len({greedy, sampled, key(10, do_sample=True, temperature=0.7, top_p=0.9)}) == 3
