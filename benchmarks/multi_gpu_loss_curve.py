@@ -66,10 +66,7 @@ def losses(run_dir: Path) -> list[float] | None:
 
 def target_keys_in_draft(run_dir: Path) -> int | None:
     weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        return None
-    with safe_open(weights, framework="pt") as handle:
-        return sum("target." in key for key in handle.keys())
+    return target_tensors_in(weights) if weights.is_file() else None
 
 
 def compare(work: Path, out: Path, pairs: list[str]) -> int:
