@@ -447,26 +447,40 @@ def _varlen_reference(
 
 
 @pytest.mark.parametrize("slots", [7, 23, 40])
-def test_chunked_prefix_for_the_flash_kernel_equals_the_reference(monkeypatch, slots):
-    """The split-KV chunking and merge of the flash prefix path (kernel replaced by its plain-torch semantics),
-    including chunks past a row's length and a last chunk shorter than the others."""
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (6, 2), (3, 3), (4, 1)])
+def test_chunked_prefix_for_the_flash_kernel_equals_the_reference(monkeypatch, slots, heads, kv_heads):
+    """The split-KV chunking, the grouped query heads packed as rows of their key head, and the merge of the flash
+    prefix path (kernel replaced by its plain-torch semantics), including chunks past a row's length and a last
+    chunk shorter than the others."""
     from glide_hf import tree_attention
 
-    monkeypatch.setattr(tree_attention, "PREFIX_CHUNK_SLOTS", 8)
     monkeypatch.setattr(tree_attention, "_varlen_flash_forward", _varlen_reference)
     torch.manual_seed(slots)
-    batch, heads, kv_heads, queries, dim = 3, 4, 2, 3, 8
+    batch, queries, dim = 3, 3, 8
     keys = torch.randn(batch, slots, kv_heads, dim).transpose(1, 2)  # token-major storage, as the slot cache
     values = torch.randn(batch, slots, kv_heads, dim).transpose(1, 2)
     query = torch.randn(batch, heads, queries, dim)
     lengths = torch.tensor([1, slots // 2, slots])
     node_slots = torch.zeros(batch, queries, dtype=torch.long)  # unused by the prefix
     visible = torch.ones(batch, queries, queries, dtype=torch.bool)
-    inputs = tree_attention.TreeAttentionInputs.build(lengths, node_slots, visible, slots, use_fused_kernel=True)
+    inputs = tree_attention.TreeAttentionInputs.build(lengths, node_slots, visible, slots, True, chunk_size=8)
     got, got_lse = tree_attention._merge([tree_attention._flash_prefix(query, keys, values, inputs, 0.3)])
     expected, expected_lse = tree_attention._reference_prefix(query, keys, values, lengths, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_lse, expected_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_chunks_fill_the_gpu_without_chunks_shorter_than_the_minimum():
+    """Split-KV sizing: one query per key head over a long prefix gets many chunks, 64 tree nodes (4 query heads per
+    key head: 256 rows) fewer, and a short prefix one chunk of at least the minimum."""
+    from glide_hf.tree_attention import PREFIX_MIN_CHUNK_SLOTS, prefix_chunk_slots
+
+    cpu = torch.device("cpu")
+    one_token = prefix_chunk_slots(16384, 1, 8, 4, cpu)
+    tree = prefix_chunk_slots(16384, 1, 8, 256, cpu)
+    assert PREFIX_MIN_CHUNK_SLOTS <= one_token < tree < 16384
+    assert prefix_chunk_slots(1024, 1, 8, 256, cpu) >= PREFIX_MIN_CHUNK_SLOTS
+    assert prefix_chunk_slots(16384, 32, 8, 256, cpu) == 16384  # a batch of 32 fills the GPU with one chunk
 
 
 def test_fractional_forced_acceptance_alternates_to_the_requested_average():

@@ -7,8 +7,9 @@ explicit `[B, 1, N, S]` mask over the whole slot buffer makes sdpa leave its fus
 key/value heads), which at 16k context costs twice a one-token step. Here instead:
 
 - prefix: torch's flash-attention kernel in its variable-length form reads exactly the verified keys of each row
-  (`seqused_k`), grouped heads included, in chunks of `PREFIX_CHUNK_SLOTS` slots (split-KV), and returns each
-  chunk's log-sum-exp;
+  (`seqused_k`) in chunks of slots (split-KV, as flash-decoding does), and returns each chunk's log-sum-exp; the
+  query heads that share a key head ride as extra query rows of that head (G x N rows against Hkv heads), so each
+  chunk's keys and values are read once, not once per query head;
 - tree: the N nodes' keys are gathered (N x N scores per head, a few kilobytes) and masked by the ancestor matrix;
 - merge, exact: `out = sum_p out_p * exp(lse_p - lse)` over the chunks and the tree part, `lse = logsumexp_p lse_p`.
 
@@ -29,8 +30,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 __all__ = [
     "TREE_ATTENTION",
+    "PrefixChunks",
     "TreeAttentionInputs",
     "fused_prefix_kernel_available",
+    "prefix_chunk_slots",
     "tree_attention_forward",
     "using_tree_attention",
 ]
@@ -38,9 +41,25 @@ __all__ = [
 TREE_ATTENTION = "glide_tree"
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
-# Slots per chunk of the prefix in the fused kernel: at 16k context a verify forward then runs 16 chunks per head,
-# enough blocks to fill an H100/H200; shorter chunks only add merge work.
-PREFIX_CHUNK_SLOTS = 1024
+# Split-KV sizing of the fused prefix. The kernel runs one block per (chunk, key head, `_FLASH_QUERY_BLOCK` query
+# rows); the prefix is cut into as many chunks as give about `PREFIX_BLOCKS_PER_MULTIPROCESSOR` blocks per
+# multiprocessor, but none shorter than `PREFIX_MIN_CHUNK_SLOTS` (shorter chunks only add merge work).
+PREFIX_BLOCKS_PER_MULTIPROCESSOR = 2
+PREFIX_MIN_CHUNK_SLOTS = 512
+_FLASH_QUERY_BLOCK = 128
+_DEFAULT_MULTIPROCESSORS = 132
+
+
+@dataclass
+class PrefixChunks:
+    """How the fused prefix kernel splits each row's slots (see `_flash_prefix`): `chunk_size` slots per chunk,
+    sequence i = (row i // C, chunk i % C) with keys from `key_starts[i]` and queries from `query_starts[i]`
+    (`[B * C + 1]` int32), `used` `[B, C]` int32 of its slots holding the row's prefix."""
+
+    chunk_size: int
+    key_starts: torch.Tensor
+    query_starts: torch.Tensor
+    used: torch.Tensor
 
 
 @dataclass
@@ -50,19 +69,18 @@ class TreeAttentionInputs:
 
     `prefix_lengths` `[B]` int32: slots `0 .. length - 1` of each row hold its verified prefix; `node_slots` `[B, N]`
     long: where each tree node's keys were written; `tree_bias` `[B, 1, 1, N, N]` fp32: 0 where node i sees node j
-    (j is i or an ancestor of i), -inf elsewhere; `use_fused_kernel`: the prefix goes through torch's flash kernel,
-    over `chunk_size`-slot chunks described by `key_starts` `[B * C + 1]`, `query_starts` `[B * C + 1]` and
-    `chunk_used` `[B, C]` (int32; see `_flash_prefix`).
+    (j is i or an ancestor of i), -inf elsewhere; `use_fused_kernel`: the prefix goes through torch's flash kernel;
+    `num_slots`: the slot cache's size; `chunk_size`: slots per split-KV chunk of that kernel (None: sized for the
+    GPU by `prefix_chunk_slots`); `prefix_chunks`: the chunking, made by the first layer and reused by the others.
     """
 
     prefix_lengths: torch.Tensor
     node_slots: torch.Tensor
     tree_bias: torch.Tensor
     use_fused_kernel: bool
-    chunk_size: int = 0
-    key_starts: torch.Tensor | None = None
-    query_starts: torch.Tensor | None = None
-    chunk_used: torch.Tensor | None = None
+    num_slots: int
+    chunk_size: int | None = None
+    prefix_chunks: PrefixChunks | None = None
 
     @classmethod
     def build(
@@ -72,24 +90,42 @@ class TreeAttentionInputs:
         visible: torch.Tensor,
         num_slots: int,
         use_fused_kernel: bool,
+        chunk_size: int | None = None,
     ) -> "TreeAttentionInputs":
         """From each row's prefix length `[B]`, the nodes' slots `[B, N]`, their visibility `[B, N, N]` (bool) and
         the slot cache's size."""
-        batch, num_nodes = node_slots.shape
-        device = node_slots.device
-        tree_bias = torch.zeros(visible.shape, device=device).masked_fill(~visible, float("-inf"))[:, None, None]
-        inputs = cls(prefix_lengths.to(torch.int32), node_slots, tree_bias, use_fused_kernel)
-        if use_fused_kernel:
-            chunk = min(PREFIX_CHUNK_SLOTS, num_slots)
-            num_chunks = -(-num_slots // chunk)
+        tree_bias = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, float("-inf"))
+        lengths = prefix_lengths.to(torch.int32)
+        return cls(lengths, node_slots, tree_bias[:, None, None], use_fused_kernel, num_slots, chunk_size)
+
+    def chunks_for(self, num_kv_heads: int, query_rows: int) -> PrefixChunks:
+        """The split-KV chunking for `query_rows` query rows per key head (made once per forward)."""
+        if self.prefix_chunks is None:
+            batch, device = self.prefix_lengths.shape[0], self.prefix_lengths.device
+            chunk = self.chunk_size or prefix_chunk_slots(self.num_slots, batch, num_kv_heads, query_rows, device)
+            chunk = min(chunk, self.num_slots)
+            num_chunks = -(-self.num_slots // chunk)
             sequences = torch.arange(batch * num_chunks + 1, device=device, dtype=torch.int32)
-            # Sequence i = (row i // C, chunk i % C) starts at row * S + chunk * size; a row's last one is shorter.
-            inputs.key_starts = sequences // num_chunks * num_slots + sequences % num_chunks * chunk
-            inputs.query_starts = sequences * num_nodes
+            # Sequence i starts at row * S + chunk * size; a row's last chunk may be shorter.
+            key_starts = sequences // num_chunks * self.num_slots + sequences % num_chunks * chunk
             chunk_starts = torch.arange(num_chunks, device=device) * chunk
-            inputs.chunk_used = (prefix_lengths[:, None] - chunk_starts[None]).clamp(0, chunk).to(torch.int32)
-            inputs.chunk_size = chunk
-        return inputs
+            used = (self.prefix_lengths[:, None] - chunk_starts[None]).clamp(0, chunk).to(torch.int32)
+            self.prefix_chunks = PrefixChunks(chunk, key_starts, sequences * query_rows, used)
+        return self.prefix_chunks
+
+
+def prefix_chunk_slots(num_slots: int, batch: int, num_kv_heads: int, query_rows: int, device: torch.device) -> int:
+    """Slots per split-KV chunk: enough chunks for about `PREFIX_BLOCKS_PER_MULTIPROCESSOR` kernel blocks per
+    multiprocessor (one block per chunk, key head and `_FLASH_QUERY_BLOCK` query rows), none shorter than
+    `PREFIX_MIN_CHUNK_SLOTS`. One query over a long prefix would otherwise give the kernel a block per head, a
+    fraction of the GPU; 64 tree nodes over the same prefix need fewer, longer chunks."""
+    if device.type == "cuda":
+        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        multiprocessors = _DEFAULT_MULTIPROCESSORS
+    blocks_per_chunk = batch * num_kv_heads * -(-query_rows // _FLASH_QUERY_BLOCK)
+    num_chunks = -(-PREFIX_BLOCKS_PER_MULTIPROCESSOR * multiprocessors // blocks_per_chunk)
+    return max(PREFIX_MIN_CHUNK_SLOTS, -(-num_slots // num_chunks))
 
 
 def fused_prefix_kernel_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -113,35 +149,44 @@ def _flash_prefix(
     chunk without prefix keys), to be merged with `_merge`.
 
     The slot cache stores keys token-major (`[B, S, Hkv, D]` underneath the `[B, Hkv, S, D]` view), so the varlen
-    kernel reads the buffer in place. Each row's slots are cut into chunks of `PREFIX_CHUNK_SLOTS`, each chunk a
-    sequence of its own (`seqused_k` = how many of its slots hold the row's prefix) queried by all N nodes: a few
-    queries over a long prefix would otherwise give the kernel one block per head, a fraction of the GPU's
-    multiprocessors (split-KV, as flash-decoding does).
+    kernel reads the buffer in place. Each row's slots are cut into chunks (`TreeAttentionInputs.chunks_for`), each
+    chunk a sequence of its own (`seqused_k` = how many of its slots hold the row's prefix). The G query heads of
+    each key head (head h reads key head h // G) enter as G x N query rows of that key head: the prefix attention
+    has no mask, so rows are interchangeable, and each chunk's keys are read once for the whole group.
     """
     batch, num_heads, num_queries, head_dim = query.shape
-    num_slots = key.shape[2]
-    num_chunks = inputs.chunk_used.shape[1]
-    packed_query = query.transpose(1, 2)[:, None].expand(-1, num_chunks, -1, -1, -1).reshape(-1, num_heads, head_dim)
-    packed_key = key.transpose(1, 2).reshape(batch * num_slots, key.shape[1], head_dim)  # a view: token-major
-    packed_value = value.transpose(1, 2).reshape(batch * num_slots, value.shape[1], head_dim)
+    num_kv_heads, num_slots = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv_heads
+    rows = groups * num_queries
+    chunks = inputs.chunks_for(num_kv_heads, rows)
+    num_chunks = chunks.used.shape[1]
+    # [B, Hkv, G, N, D] -> rows (g, n) per key head, repeated for every chunk: [B * C * G * N, Hkv, D].
+    grouped = query.reshape(batch, num_kv_heads, groups, num_queries, head_dim).permute(0, 2, 3, 1, 4)
+    packed_query = grouped.reshape(batch, 1, rows, num_kv_heads, head_dim).expand(-1, num_chunks, -1, -1, -1)
+    packed_query = packed_query.reshape(-1, num_kv_heads, head_dim)
+    packed_key = key.transpose(1, 2).reshape(batch * num_slots, num_kv_heads, head_dim)  # a view: token-major
+    packed_value = value.transpose(1, 2).reshape(batch * num_slots, num_kv_heads, head_dim)
     output, lse, *_ = _varlen_flash_forward(
         packed_query,
         packed_key,
         packed_value,
-        inputs.query_starts,
-        inputs.key_starts,
-        num_queries,
-        inputs.chunk_size,
+        chunks.query_starts,
+        chunks.key_starts,
+        rows,
+        chunks.chunk_size,
         0.0,
         False,
         False,
         scale=scale,
-        seqused_k=inputs.chunk_used.flatten(),
+        seqused_k=chunks.used.flatten(),
     )
-    output = output.reshape(batch, num_chunks, num_queries, num_heads, head_dim).transpose(2, 3)
-    # The varlen kernel's lse is [Hq, total queries]; a chunk without keys holds no probability mass.
-    lse = lse.reshape(num_heads, batch, num_chunks, num_queries).permute(1, 2, 0, 3)  # [B, C, Hq, N]
-    return output, lse.masked_fill((inputs.chunk_used == 0)[:, :, None, None], float("-inf"))
+    # [B * C * G * N, Hkv, D] -> [B, C, Hkv, G, N, D] = [B, C, Hq, N, D].
+    output = output.reshape(batch, num_chunks, groups, num_queries, num_kv_heads, head_dim).permute(0, 1, 4, 2, 3, 5)
+    output = output.reshape(batch, num_chunks, num_heads, num_queries, head_dim)
+    # The varlen kernel's lse is [Hkv, total rows]; a chunk without keys holds no probability mass.
+    lse = lse.reshape(num_kv_heads, batch, num_chunks, groups, num_queries).permute(1, 2, 0, 3, 4)
+    lse = lse.reshape(batch, num_chunks, num_heads, num_queries)
+    return output, lse.masked_fill((chunks.used == 0)[:, :, None, None], float("-inf"))
 
 
 def _reference_prefix(
