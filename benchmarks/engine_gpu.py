@@ -4,9 +4,10 @@ Measures, in one process on one card (issue 3, item 8):
 - vanilla `target.generate` tokens/s (dynamic cache, and static cache with Transformers' auto-compile);
 - one draft step against one target step (1-token query, 1k context), and the draft step over a draft vocabulary of
   a quarter of the ids (`set_draft_vocabulary`);
-- verification of 1, 8, 32, 64 tree nodes at 1k and 16k context, relative to a one-token step, with the split
-  attention of `tree_attention.py` (prefix in torch's varlen flash kernel, tree masked, merged by log-sum-exp; what
-  the engine uses on bf16 CUDA) and with the explicit mask over the slot buffer (`verify_attention="masked"`);
+- verification of 1, 8, 32, 64 tree nodes at 1k, 4k and 16k context, relative to a one-token step, with the split
+  attention of `tree_attention.py` (prefix, tree and merge; the kernel `split_attention_kernel` picks: Triton where
+  installed; the previous flash-prefix split beside it for comparison) and with the explicit mask over the slot
+  buffer (`verify_attention="masked"`);
 - the draft cache's bytes at 1k and 32k context;
 - engine tokens/s on a 16k-token prompt at forced acceptance 3, split and masked, against vanilla `generate`;
 - engine tokens/s with a 5-token chain at forced acceptance 1, 2, 3, 3.5 (rounds of 3 and 4), 4 and 5
@@ -15,7 +16,8 @@ Measures, in one process on one card (issue 3, item 8):
   as many new tokens (vanilla static `generate` rerun at that length);
 - engine tokens/s at batch 1, 4 and 16 (forced acceptance 3) against vanilla `generate` at the same batch;
 - greedy exactness of the engine on a 32k-token prompt (a smaller fp32 Llama, where ties cannot flip), masked and
-  split (fp32: the split's reference prefix), and agreement of the split (flash) and masked engines in bf16.
+  split (fp32: the Triton kernel where installed, else the reference prefix), and agreement of the split and masked
+  engines in bf16.
 
 Run: `python benchmarks/engine_gpu.py --out DIR` (prints a table, writes engine_gpu.json); `--forced-only` measures
 only the vanilla baselines and the forced-acceptance rows (engine_gpu_forced.json); `--quick` only the steps at 1k
@@ -23,6 +25,7 @@ context and forced 3.5 (engine_gpu_quick.json).
 """
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -33,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from glide_hf import GlideForCausalLM
 from glide_hf.engine import glide_generate
-from glide_hf.tree_attention import TreeAttentionInputs, fused_prefix_kernel_available, using_tree_attention
+from glide_hf.tree_attention import TreeAttentionInputs, split_attention_kernel, using_tree_attention
 
 # `--tiny` runs the whole script on the CPU with a small model, to check it before spending GPU time.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,12 +158,9 @@ def step_times(target, draft, context: int) -> dict:
         draft.set_draft_vocabulary(None)
         call.draft_vocab_ids, call.draft_head_weight, call.draft_head_bias = full_head
         slots = call.target_cache.num_slots
-        fused = fused_prefix_kernel_available(
-            ring.layers[0].keys.device,
-            call.target_cache.layers[0].keys.dtype,
-            call.target_cache.layers[0].keys.shape[-1],
-        )
-        results["split_prefix_kernel"] = "flash varlen" if fused else "reference"
+        cache_keys = call.target_cache.layers[0].keys
+        kernel = split_attention_kernel(cache_keys.device, cache_keys.dtype, cache_keys.shape[-1])
+        results["split_kernel"] = kernel
         for nodes in (1, 8, 32, 64):
             tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
             positions = rows.lengths[:, None] + torch.arange(nodes, device=DEVICE)[None]
@@ -185,9 +185,9 @@ def step_times(target, draft, context: int) -> dict:
             results[f"verify_{nodes}_graph_ms"] = 1000 * graph_time(verify, repeats=10)
             visible = torch.ones(1, nodes, nodes, dtype=torch.bool, device=DEVICE).tril()
 
-            def split(tokens=tokens, positions=positions, visible=visible, nodes=nodes):
+            def split(tokens=tokens, positions=positions, visible=visible, nodes=nodes, kernel=kernel):
                 # Built inside the timed step: the engine builds these once per verify forward too.
-                tree = TreeAttentionInputs.build(rows.lengths, positions, visible, slots, fused)
+                tree = TreeAttentionInputs.build(rows.lengths, positions, visible, slots, kernel)
                 with using_tree_attention(target.config):
                     target(
                         input_ids=tokens,
@@ -201,6 +201,10 @@ def step_times(target, draft, context: int) -> dict:
 
             results[f"split_{nodes}_ms"] = 1000 * cuda_time(split, repeats=10, warmup=2)
             results[f"split_{nodes}_graph_ms"] = 1000 * graph_time(split, repeats=10)
+            if kernel == "triton":  # the previous split (flash prefix, torch tree and merge) for comparison
+                results[f"split_flash_{nodes}_graph_ms"] = 1000 * graph_time(
+                    functools.partial(split, kernel="flash"), repeats=10
+                )
         results["draft_cache_bytes"] = sum(
             tensor.numel() * tensor.element_size() for tensor in (ring.layers[0].keys, ring.layers[0].values)
         )
@@ -434,6 +438,14 @@ def main() -> int:
                     f"{draft_ms:.2f} ms ({100 * draft_ms / base:.1f}%) | verify 8/32/64 nodes "
                     + " / ".join(f"{steps[f'{attention}_{n}{kind}_ms'] / base:.2f}x" for n in (8, 32, 64))
                 )
+    for context, steps in one.items():
+        if "split_flash_1_graph_ms" in steps:
+            base = steps["split_flash_1_graph_ms"]
+            print(
+                f"ctx {context:>6} graphs split, flash prefix + torch merge (previous): target 1-token {base:.2f} ms"
+                " | verify 8/32/64 nodes "
+                + " / ".join(f"{steps[f'split_flash_{n}_graph_ms'] / base:.2f}x" for n in (8, 32, 64))
+            )
     print(
         "draft step over a quarter of the vocabulary (graphs): "
         + ", ".join(f"{c}: {s['draft_step_quarter_vocab_graph_ms']:.2f} ms" for c, s in one.items())

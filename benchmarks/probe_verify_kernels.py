@@ -1,12 +1,12 @@
 """Where does a tree verify forward lose time against a one-token step? Two probes at Llama-3-8B shape (bf16, CUDA
 graphs, one H100/H200), printed as tables and written to `probe_verify_kernels.json`:
 
-1. The split tree attention of 32 layers (`tree_attention.tree_attention_forward`) for 1 and 64 queries at 1k and
-   16k context: the current flash prefix (grouped query heads packed as rows of their key head, chunks sized by
-   `prefix_chunk_slots`), the same at fixed chunk sizes, the previous prefix (one kernel row per query head,
-   1024-slot chunks), and sdpa over exactly the prefix (no tree, no merge) as the floor.
-2. The projections of one layer and the LM head at 1, 8 and 64 rows: cuBLAS through `F.linear`, and Triton
-   matmuls that `torch.compile(mode="max-autotune-no-cudagraphs")` picks (`--no-autotune` skips them).
+1. The split tree attention of 32 layers (`tree_attention.tree_attention_forward`) for 1, 8 and 64 queries at 1k
+   and 16k context: the Triton kernels and the flash prefix (grouped query heads packed as rows of their key head),
+   each with chunks sized by `prefix_chunk_slots` and at fixed chunk sizes, the flash prefix before grouping (one
+   kernel row per query head, 1024-slot chunks), and sdpa over exactly the prefix (no tree, no merge) as a floor.
+2. With `--gemm`: the projections of one layer and the LM head at 1, 8 and 64 rows: cuBLAS through `F.linear`, and
+   Triton matmuls that `torch.compile(mode="max-autotune-no-cudagraphs")` picks.
 
 Run: `python benchmarks/probe_verify_kernels.py --out DIR`.
 """
@@ -75,9 +75,9 @@ def ungrouped_flash_prefix(query, key, value, inputs, scale):
     return output, lse.masked_fill((chunks.used == 0)[:, :, None, None], float("-inf"))
 
 
-def split_layers(cache, query, lengths, node_slots, visible, slots, chunk_size=None) -> None:
+def split_layers(cache, query, lengths, node_slots, visible, slots, kernel, chunk_size=None) -> None:
     """32 layers of split tree attention, the inputs built once as the engine does per verify forward."""
-    inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, True, chunk_size=chunk_size)
+    inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, kernel, chunk_size=chunk_size)
     for layer in cache.layers:
         tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
 
@@ -103,17 +103,17 @@ def attention_probe(contexts, node_counts) -> list[dict]:
             query = torch.randn(1, HEADS, nodes, HEAD_DIM, device="cuda", dtype=dtype)
             node_slots = lengths[:, None] + torch.arange(nodes, device="cuda")[None]
             visible = torch.ones(nodes, nodes, dtype=torch.bool, device="cuda").tril()[None]
-            layers = functools.partial(split_layers, cache, query, lengths, node_slots, visible, slots)
-            row = {"context": context, "nodes": nodes, "grouped_auto_ms": graph_ms(layers)}
-            inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, True)
-            row["auto_chunk"] = inputs.chunks_for(KV_HEADS, HEADS // KV_HEADS * nodes).chunk_size
-            for chunk in (512, 1024, 2048, 4096):
-                if chunk < slots:
-                    row[f"grouped_{chunk}_ms"] = graph_ms(functools.partial(layers, chunk))
+            row = {"context": context, "nodes": nodes}
+            for kernel in ("triton", "flash"):
+                layers = functools.partial(split_layers, cache, query, lengths, node_slots, visible, slots, kernel)
+                row[f"{kernel}_auto_ms"] = graph_ms(layers)
+                for chunk in (256, 512, 1024, 2048, 4096):
+                    if chunk < slots:
+                        row[f"{kernel}_{chunk}_ms"] = graph_ms(functools.partial(layers, chunk))
             original = tree_attention._flash_prefix
             tree_attention._flash_prefix = ungrouped_flash_prefix
             try:
-                row["previous_1024_ms"] = graph_ms(functools.partial(layers, 1024))
+                row["previous_1024_ms"] = graph_ms(functools.partial(layers, 1024))  # layers: the flash split
             finally:
                 tree_attention._flash_prefix = original
             row["sdpa_floor_ms"] = graph_ms(functools.partial(sdpa_floor, cache, query, context))
@@ -165,14 +165,14 @@ def gemm_probe(autotune: bool) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--no-autotune", action="store_true")
+    parser.add_argument("--gemm", action="store_true", help="also the GEMM probe (cuBLAS against max-autotune)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     started = time.perf_counter()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     results["attention"] = attention_probe((1024, 16384), (1, 8, 64))
-    results["gemm"] = gemm_probe(not args.no_autotune)
+    results["gemm"] = gemm_probe(autotune=True) if args.gemm else []
     results["seconds"] = time.perf_counter() - started
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "probe_verify_kernels.json"), "w") as handle:
@@ -180,9 +180,9 @@ def main() -> int:
     print("\n32 layers of split attention (ms, CUDA graph):")
     for row in results["attention"]:
         print(
-            f"ctx {row['context']:>6} N {row['nodes']:>3}: auto({row['auto_chunk']}) {row['grouped_auto_ms']:.3f}"
-            f"  previous {row['previous_1024_ms']:.3f}  floor {row['sdpa_floor_ms']:.3f}  "
-            + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("grouped_") and k[8].isdigit())
+            f"ctx {row['context']:>6} N {row['nodes']:>3}: triton auto {row['triton_auto_ms']:.3f}, flash auto "
+            f"{row['flash_auto_ms']:.3f}, previous {row['previous_1024_ms']:.3f}, floor {row['sdpa_floor_ms']:.3f} | "
+            + " ".join(f"{k[:-3]}={v:.3f}" for k, v in row.items() if k[-3:] == "_ms" and k.split("_")[1].isdigit())
         )
     print("\nGEMMs (us per call, TB/s):")
     for row in results["gemm"]:

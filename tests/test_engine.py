@@ -408,7 +408,7 @@ def test_split_verify_attention_equals_the_masked_attention_output():
         layer.values.repeat_interleave(heads // kv_heads, 1),
         attn_mask=mask,
     ).transpose(1, 2)
-    inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, use_fused_kernel=False)
+    inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, "torch")
     got, _ = tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert layer.key_storage.is_contiguous() and layer.keys.shape == (batch, kv_heads, slots, dim)
@@ -463,7 +463,7 @@ def test_chunked_prefix_for_the_flash_kernel_equals_the_reference(monkeypatch, s
     lengths = torch.tensor([1, slots // 2, slots])
     node_slots = torch.zeros(batch, queries, dtype=torch.long)  # unused by the prefix
     visible = torch.ones(batch, queries, queries, dtype=torch.bool)
-    inputs = tree_attention.TreeAttentionInputs.build(lengths, node_slots, visible, slots, True, chunk_size=8)
+    inputs = tree_attention.TreeAttentionInputs.build(lengths, node_slots, visible, slots, "flash", chunk_size=8)
     got, got_lse = tree_attention._merge([tree_attention._flash_prefix(query, keys, values, inputs, 0.3)])
     expected, expected_lse = tree_attention._reference_prefix(query, keys, values, lengths, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

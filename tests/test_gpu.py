@@ -116,45 +116,76 @@ def test_sampling_with_cuda_graphs_keeps_tokens_in_the_top_k_support():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("batch", "nodes", "slots"), [(1, 32, 200), (2, 16, 300), (3, 7, 4100)])
-def test_fused_prefix_tree_attention_equals_the_reference_on_cuda(dtype, batch, nodes, slots):
-    """torch's varlen flash kernel (per-row key counts, grouped heads) plus the merge equals the fp32 reference."""
+@pytest.mark.parametrize(("batch", "nodes", "slots"), [(1, 32, 200), (2, 16, 300), (3, 7, 4100), (1, 1, 3000)])
+def test_fused_split_tree_attention_equals_the_reference_on_cuda(dtype, batch, nodes, slots):
+    """The Triton split attention and torch's varlen flash prefix plus the merge equal the fp32 reference."""
     from glide_hf.static_cache import SlotCache
-    from glide_hf.tree_attention import TreeAttentionInputs, fused_prefix_kernel_available, tree_attention_forward
+    from glide_hf.tree_attention import TreeAttentionInputs, split_attention_kernel, tree_attention_forward
 
     heads, kv_heads, dim = 32, 8, 128
-    assert fused_prefix_kernel_available(torch.device("cuda"), dtype, dim)
+    assert split_attention_kernel(torch.device("cuda"), dtype, dim) == "triton"
     generator = torch.Generator(device="cuda").manual_seed(batch)
     cache = SlotCache.allocate(1, batch, kv_heads, slots, dim, dtype, "cuda")
     layer = cache.layers[0]
     layer.keys.copy_(torch.randn(layer.keys.shape, device="cuda", generator=generator))
     layer.values.copy_(torch.randn(layer.values.shape, device="cuda", generator=generator))
     lengths = torch.randint(1, slots - nodes, (batch,), device="cuda", generator=generator)
-    visible = torch.ones(nodes, nodes, dtype=torch.bool, device="cuda").tril()[None].expand(batch, -1, -1)
-    query = torch.randn(batch, heads, nodes, dim, device="cuda", dtype=dtype, generator=generator)
+    visible = torch.rand(batch, nodes, nodes, device="cuda", generator=generator) < 0.5
+    visible = (visible | torch.eye(nodes, dtype=torch.bool, device="cuda")).tril()
+    query = torch.randn(batch, nodes, heads, dim, device="cuda", dtype=dtype, generator=generator).transpose(1, 2)
     node_slots = lengths[:, None] + torch.arange(nodes, device="cuda")[None]
     outputs = {}
-    for fused in (True, False):
-        inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, use_fused_kernel=fused)
-        outputs[fused], _ = tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
-    torch.testing.assert_close(outputs[True].float(), outputs[False].float(), atol=2e-2, rtol=2e-2)
+    for kernel in ("triton", "flash", "torch"):
+        inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, kernel)
+        outputs[kernel], _ = tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
+    reference = outputs["torch"].float()
+    torch.testing.assert_close(outputs["triton"].float(), reference, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outputs["flash"].float(), reference, atol=2e-2, rtol=2e-2)
 
 
-def test_engine_verifies_with_the_fused_prefix_kernel_on_cuda(monkeypatch):
-    """With a bf16 target on CUDA, `verify_attention="auto"` takes the flash prefix path (here from the first slot
-    on), with CUDA graphs."""
+@pytest.mark.parametrize(("kernel", "function"), [("flash", "_flash_prefix"), ("triton", "tree_attention_triton")])
+def test_engine_verifies_with_each_fused_split_kernel_on_cuda(monkeypatch, kernel, function):
+    """With a bf16 target on CUDA the split verify (here from the first slot on) runs the requested kernel, with CUDA
+    graphs, and the greedy output equals the masked engine's in fp16 on a short output."""
     from glide_hf import tree_attention
 
     calls = []
-    original = tree_attention._flash_prefix
-    monkeypatch.setattr(tree_attention, "_flash_prefix", lambda *args: calls.append(1) or original(*args))
+    original = getattr(tree_attention, function)
+    monkeypatch.setattr(tree_attention, function, lambda *args: calls.append(1) or original(*args))
     target = build_target().to("cuda", torch.bfloat16)
     draft = build_draft(target).to("cuda", torch.bfloat16)
     prompt = random_ids(2, 24).cuda()
-    out = draft.generate(
-        prompt, max_new_tokens=16, do_sample=False, draft_strategy="tree", tree_widths=(2, 3), split_verify_min_slots=0
-    )
+    settings = dict(max_new_tokens=16, do_sample=False, draft_strategy="tree", tree_widths=(2, 3))
+    out = draft.generate(prompt, split_verify_min_slots=0, split_kernel=kernel, **settings)
     assert out.shape[0] == 2 and out.shape[1] > 24 and calls
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [dict(draft_strategy="chain"), dict(draft_strategy="tree", tree_widths=(4, 8, 8)), dict(draft_strategy="cape")],
+)
+def test_engine_with_the_triton_split_verify_equals_the_target_in_float32_on_cuda(monkeypatch, strategy):
+    """Greedy output through the Triton split verify (fp32, no TF32), batch of padded prompts, equals each row's
+    `target.generate`; the kernel really runs."""
+    from glide_hf import tree_attention
+
+    calls = []
+    original = tree_attention.tree_attention_triton
+    monkeypatch.setattr(tree_attention, "tree_attention_triton", lambda *a: calls.append(1) or original(*a))
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    prompts = [random_ids(1, length, seed=length).cuda() for length in (5, 17, 30)]
+    width = max(prompt.shape[1] for prompt in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.shape[1] :], mask[row, width - prompt.shape[1] :] = prompt[0], 1
+    settings = dict(max_new_tokens=32, do_sample=False, eos_token_id=None, split_verify_min_slots=0)
+    out = draft.generate(ids, attention_mask=mask, split_kernel="triton", **settings, **strategy)
+    assert calls
+    for row, prompt in enumerate(prompts):
+        expected = target.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None)[0, prompt.shape[1] :]
+        assert torch.equal(out[row, width:], expected)
 
 
 def test_heuristic_schedule_with_cuda_graphs_equals_the_eager_engine_on_cuda():

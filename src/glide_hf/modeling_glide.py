@@ -1044,7 +1044,8 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             num_draft_tokens (`int`, *optional*): draft depth; defaults to `config.num_draft_tokens`.
             kwargs: `stopping_criteria`, `streamer`, `use_cuda_graphs` (default: on when the inputs are on CUDA;
                 each round is then replayed as one captured CUDA graph), `verify_attention` (`"auto"`, `"split"` or
-                `"masked"`: how the verify forward attends, see `glide_hf.engine.glide_generate`),
+                `"masked"`: how the verify forward attends, see `glide_hf.engine.glide_generate`), `split_kernel`
+                (`"auto"`, `"triton"`, `"flash"` or `"torch"`: the split attention's kernel),
                 `num_draft_tokens_schedule` (`"constant"` or `"heuristic"`: a chain whose length adapts), and
                 generation settings (`max_new_tokens=...`).
 

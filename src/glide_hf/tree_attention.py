@@ -13,11 +13,16 @@ key/value heads), which at 16k context costs twice a one-token step. Here instea
 - tree: the N nodes' keys are gathered (N x N scores per head, a few kilobytes) and masked by the ancestor matrix;
 - merge, exact: `out = sum_p out_p * exp(lse_p - lse)` over the chunks and the tree part, `lse = logsumexp_p lse_p`.
 
+Three implementations of that split (`TreeAttentionInputs.kernel`, chosen by `split_attention_kernel`):
+- `"triton"` (CUDA, fp16/bf16/fp32, Triton installed): `tree_attention_kernel.py` does prefix, tree and merge of a
+  layer in three launches; the torch ops below cost about 0.1 ms per layer in small kernels, more than the attention.
+- `"flash"` (CUDA, fp16/bf16): the prefix in torch's flash kernel, the tree and the merge in torch ops.
+- `"torch"` (anywhere): the prefix by explicit scores, a masked reference computation: the same split, slower,
+  which the CPU tests use to check the merge.
+
 The attention function is registered with Transformers' `AttentionInterface` as `"glide_tree"`; the engine switches
 the target to it only around its verify forward and passes the tree through the `glide_tree` keyword, which
-Transformers forwards to every attention call. Without that keyword it is plain sdpa. Where the fused kernel does
-not serve (CPU, fp32, very large heads) the prefix falls back to a masked reference computation: the same split,
-slower, which the CPU tests use to check the merge.
+Transformers forwards to every attention call. Without that keyword it is plain sdpa.
 """
 
 import contextlib
@@ -28,24 +33,29 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .tree_attention_kernel import query_block_rows, tree_attention_triton, triton_kernel_serves
+
 __all__ = [
+    "SPLIT_KERNELS",
     "TREE_ATTENTION",
     "PrefixChunks",
     "TreeAttentionInputs",
     "fused_prefix_kernel_available",
     "prefix_chunk_slots",
+    "split_attention_kernel",
     "tree_attention_forward",
     "using_tree_attention",
 ]
 
 TREE_ATTENTION = "glide_tree"
+SPLIT_KERNELS = ("triton", "flash", "torch")
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
 # Split-KV sizing of the fused prefix. The kernel runs one block per (chunk, key head, `_FLASH_QUERY_BLOCK` query
 # rows); the prefix is cut into as many chunks as give about `PREFIX_BLOCKS_PER_MULTIPROCESSOR` blocks per
 # multiprocessor, but none shorter than `PREFIX_MIN_CHUNK_SLOTS` (shorter chunks only add merge work).
 PREFIX_BLOCKS_PER_MULTIPROCESSOR = 2
-PREFIX_MIN_CHUNK_SLOTS = 512
+PREFIX_MIN_CHUNK_SLOTS = 256
 _FLASH_QUERY_BLOCK = 128
 _DEFAULT_MULTIPROCESSORS = 132
 
@@ -69,15 +79,16 @@ class TreeAttentionInputs:
 
     `prefix_lengths` `[B]` int32: slots `0 .. length - 1` of each row hold its verified prefix; `node_slots` `[B, N]`
     long: where each tree node's keys were written; `tree_bias` `[B, 1, 1, N, N]` fp32: 0 where node i sees node j
-    (j is i or an ancestor of i), -inf elsewhere; `use_fused_kernel`: the prefix goes through torch's flash kernel;
-    `num_slots`: the slot cache's size; `chunk_size`: slots per split-KV chunk of that kernel (None: sized for the
-    GPU by `prefix_chunk_slots`); `prefix_chunks`: the chunking, made by the first layer and reused by the others.
+    (j is i or an ancestor of i), -inf elsewhere; `kernel`: one of `SPLIT_KERNELS` (see the module's docstring);
+    `num_slots`: the slot cache's size; `chunk_size`: slots per split-KV chunk of the triton or flash prefix (None:
+    sized for the GPU by `prefix_chunk_slots`); `prefix_chunks`: the chunking, made by the first layer and reused
+    by the others.
     """
 
     prefix_lengths: torch.Tensor
     node_slots: torch.Tensor
     tree_bias: torch.Tensor
-    use_fused_kernel: bool
+    kernel: str
     num_slots: int
     chunk_size: int | None = None
     prefix_chunks: PrefixChunks | None = None
@@ -89,21 +100,30 @@ class TreeAttentionInputs:
         node_slots: torch.Tensor,
         visible: torch.Tensor,
         num_slots: int,
-        use_fused_kernel: bool,
+        kernel: str,
         chunk_size: int | None = None,
     ) -> "TreeAttentionInputs":
-        """From each row's prefix length `[B]`, the nodes' slots `[B, N]`, their visibility `[B, N, N]` (bool) and
-        the slot cache's size."""
+        """From each row's prefix length `[B]`, the nodes' slots `[B, N]`, their visibility `[B, N, N]` (bool), the
+        slot cache's size and the kernel (one of `SPLIT_KERNELS`)."""
+        if kernel not in SPLIT_KERNELS:
+            raise ValueError(f"kernel={kernel!r} is not one of {SPLIT_KERNELS}.")
         tree_bias = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, float("-inf"))
         lengths = prefix_lengths.to(torch.int32)
-        return cls(lengths, node_slots, tree_bias[:, None, None], use_fused_kernel, num_slots, chunk_size)
+        return cls(lengths, node_slots, tree_bias[:, None, None], kernel, num_slots, chunk_size)
+
+    def chunk_slots_for(self, num_kv_heads: int, query_rows: int, query_block: int) -> int:
+        """Slots per split-KV chunk for `query_rows` query rows per key head, `query_block` rows per kernel block."""
+        if self.chunk_size is not None:
+            return min(self.chunk_size, self.num_slots)
+        batch, device = self.prefix_lengths.shape[0], self.prefix_lengths.device
+        chunk = prefix_chunk_slots(self.num_slots, batch, num_kv_heads, query_rows, device, query_block)
+        return min(chunk, self.num_slots)
 
     def chunks_for(self, num_kv_heads: int, query_rows: int) -> PrefixChunks:
-        """The split-KV chunking for `query_rows` query rows per key head (made once per forward)."""
+        """The flash prefix's split-KV chunking for `query_rows` query rows per key head (made once per forward)."""
         if self.prefix_chunks is None:
             batch, device = self.prefix_lengths.shape[0], self.prefix_lengths.device
-            chunk = self.chunk_size or prefix_chunk_slots(self.num_slots, batch, num_kv_heads, query_rows, device)
-            chunk = min(chunk, self.num_slots)
+            chunk = self.chunk_slots_for(num_kv_heads, query_rows, _FLASH_QUERY_BLOCK)
             num_chunks = -(-self.num_slots // chunk)
             sequences = torch.arange(batch * num_chunks + 1, device=device, dtype=torch.int32)
             # Sequence i starts at row * S + chunk * size; a row's last chunk may be shorter.
@@ -114,16 +134,23 @@ class TreeAttentionInputs:
         return self.prefix_chunks
 
 
-def prefix_chunk_slots(num_slots: int, batch: int, num_kv_heads: int, query_rows: int, device: torch.device) -> int:
+def prefix_chunk_slots(
+    num_slots: int,
+    batch: int,
+    num_kv_heads: int,
+    query_rows: int,
+    device: torch.device,
+    query_block: int = _FLASH_QUERY_BLOCK,
+) -> int:
     """Slots per split-KV chunk: enough chunks for about `PREFIX_BLOCKS_PER_MULTIPROCESSOR` kernel blocks per
-    multiprocessor (one block per chunk, key head and `_FLASH_QUERY_BLOCK` query rows), none shorter than
+    multiprocessor (one block per chunk, key head and `query_block` query rows), none shorter than
     `PREFIX_MIN_CHUNK_SLOTS`. One query over a long prefix would otherwise give the kernel a block per head, a
     fraction of the GPU; 64 tree nodes over the same prefix need fewer, longer chunks."""
     if device.type == "cuda":
         multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         multiprocessors = _DEFAULT_MULTIPROCESSORS
-    blocks_per_chunk = batch * num_kv_heads * -(-query_rows // _FLASH_QUERY_BLOCK)
+    blocks_per_chunk = batch * num_kv_heads * -(-query_rows // query_block)
     num_chunks = -(-PREFIX_BLOCKS_PER_MULTIPROCESSOR * multiprocessors // blocks_per_chunk)
     return max(PREFIX_MIN_CHUNK_SLOTS, -(-num_slots // num_chunks))
 
@@ -134,6 +161,13 @@ def fused_prefix_kernel_available(device: torch.device, dtype: torch.dtype, head
         return False
     schema = str(torch.ops.aten._flash_attention_forward.default._schema)
     return "seqused_k" in schema
+
+
+def split_attention_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The fastest of `SPLIT_KERNELS` that serves a slot cache of this device, dtype and head size."""
+    if triton_kernel_serves(device, dtype, head_dim):
+        return "triton"
+    return "flash" if fused_prefix_kernel_available(device, dtype, head_dim) else "torch"
 
 
 def _varlen_flash_forward(*args, **kwargs):
@@ -252,7 +286,15 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if inputs.use_fused_kernel:
+    if inputs.kernel == "triton":
+        num_kv_heads = key.shape[1]
+        rows = query.shape[1] // num_kv_heads * query.shape[2]
+        chunk = inputs.chunk_slots_for(num_kv_heads, rows, query_block_rows(rows))
+        output = tree_attention_triton(
+            query, key, value, inputs.prefix_lengths, inputs.node_slots, inputs.tree_bias, chunk, scale
+        )
+        return output, None
+    if inputs.kernel == "flash":
         prefix = _flash_prefix(query, key, value, inputs, scale)
     else:
         prefix_output, prefix_lse = _reference_prefix(query, key, value, inputs.prefix_lengths, scale)

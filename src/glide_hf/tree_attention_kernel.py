@@ -1,0 +1,293 @@
+"""Triton kernels for the engine's split tree attention: the whole verify attention of one layer (prefix, tree and
+merge) in three launches.
+
+`tree_attention.py` describes the split: N tree-node queries attend to each row's verified prefix (slots
+`0 .. length - 1`) and, through the ancestor mask, to the tree's own nodes. Done with torch ops that is some 25 small
+kernels per layer (query packing, a flash call, the tree's scores, the log-sum-exp merge), about 0.1 ms per layer on
+an H200 whatever the context: more than the attention itself. Here, three launches:
+
+1. `_partial_attention`, launched twice: one program per (part, row and key head, block of query rows). Parts
+   `0 .. C - 1` are split-KV chunks of the prefix, part `C` is the tree (node keys gathered from their slots,
+   masked by the tree bias). The G query heads of a key head ride as G x N query rows, so each key tile is read
+   once per group. Each program writes its rows' normalised output and base-2 log-sum-exp (fp32).
+2. `_merge_parts`: one program per (row and key head, query row) combines the C + 1 parts exactly
+   (`out = sum_p out_p * 2^(lse_p - lse)`) and writes the `[B, N, Hq, D]` output the attention interface returns.
+
+Used where Triton is installed and the slot cache is on CUDA in fp16, bf16 or fp32 (fp32 without TF32, so a fp32
+engine stays exactly the target; `tree_attention.split_attention_kernel`); the CPU tests run the same kernels in
+Triton's interpreter (`TRITON_INTERPRET=1`) when Triton is installed.
+"""
+
+import torch
+
+try:  # optional: the engine falls back to torch's flash kernel or plain torch without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+__all__ = ["TRITON_DTYPES", "tree_attention_triton", "triton_available", "triton_kernel_serves"]
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_KEY_BLOCK = 64  # keys per tile of the partial kernel
+_MIN_QUERY_BLOCK = 16  # tl.dot's smallest tile
+_MAX_QUERY_BLOCK = 64
+
+
+def triton_available() -> bool:
+    """Whether Triton can be imported."""
+    return triton is not None
+
+
+def triton_kernel_serves(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether these kernels serve a slot cache of this device, dtype and head size."""
+    return triton is not None and device.type == "cuda" and dtype in TRITON_DTYPES and head_dim <= _MAX_HEAD_DIM
+
+
+def query_block_rows(query_rows: int) -> int:
+    """Query rows per program of the partial kernel: the rows of one key head (G x N), as a power of two between
+    `_MIN_QUERY_BLOCK` and `_MAX_QUERY_BLOCK`."""
+    return min(_MAX_QUERY_BLOCK, max(_MIN_QUERY_BLOCK, triton.next_power_of_2(query_rows)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial_attention(
+        query,
+        key,
+        value,
+        prefix_lengths,
+        node_slots,
+        tree_bias,
+        part_output,
+        part_lse,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_vb,
+        stride_vh,
+        stride_vs,
+        stride_nb,
+        stride_nn,
+        stride_tb,
+        stride_ti,
+        stride_tj,
+        num_nodes,
+        groups,
+        num_kv_heads,
+        num_prefix_parts,
+        chunk_size,
+        num_tiles,
+        scale_log2,
+        TREE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        part = num_prefix_parts if TREE else tl.program_id(0)
+        row_head = tl.program_id(1)
+        row_block = tl.program_id(2)
+        batch_row = row_head // num_kv_heads
+        kv_head = row_head % num_kv_heads
+        query_rows = groups * num_nodes
+        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)  # query row r = g * N + n
+        row_valid = rows < query_rows
+        group = rows // num_nodes
+        node = rows % num_nodes
+        dims = tl.arange(0, BLOCK_D)
+        dim_valid = dims < HEAD_DIM
+        head = kv_head * groups + group
+        q = tl.load(
+            query + batch_row * stride_qb + head[:, None] * stride_qh + node[:, None] * stride_qn + dims[None, :],
+            mask=row_valid[:, None] & dim_valid[None, :],
+            other=0.0,
+        )
+        key_base = key + batch_row * stride_kb + kv_head * stride_kh
+        value_base = value + batch_row * stride_vb + kv_head * stride_vh
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # A prefix part reads slots [start, end) of its chunk; the tree part reads the N nodes through `node_slots`.
+        if TREE:
+            start = 0
+            end = num_nodes
+        else:
+            start = part * chunk_size
+            end = tl.minimum(start + chunk_size, tl.load(prefix_lengths + batch_row))
+        for tile in range(0, num_tiles):
+            offsets = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_valid = offsets < end
+            if TREE:
+                slots = tl.load(node_slots + batch_row * stride_nb + offsets * stride_nn, mask=key_valid, other=0)
+            else:
+                slots = offsets
+            k = tl.load(
+                key_base + slots[None, :] * stride_ks + dims[:, None],
+                mask=key_valid[None, :] & dim_valid[:, None],
+                other=0.0,
+            )
+            scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+            if TREE:
+                bias = tl.load(
+                    tree_bias + batch_row * stride_tb + node[:, None] * stride_ti + offsets[None, :] * stride_tj,
+                    mask=row_valid[:, None] & key_valid[None, :],
+                    other=0.0,
+                )
+                scores = scores + bias
+            scores = tl.where(key_valid[None, :], scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            probs = tl.exp2(scores - safe_max[:, None])
+            rescale = tl.exp2(row_max - safe_max)
+            row_sum = row_sum * rescale + tl.sum(probs, 1)
+            v = tl.load(
+                value_base + slots[:, None] * stride_vs + dims[None, :],
+                mask=key_valid[:, None] & dim_valid[None, :],
+                other=0.0,
+            )
+            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+            row_max = new_max
+        has_keys = row_sum > 0.0
+        output = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+        lse = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
+        num_parts = num_prefix_parts + 1
+        base = (row_head * num_parts + part) * query_rows + rows
+        tl.store(part_lse + base, lse, mask=row_valid)
+        tl.store(
+            part_output + base[:, None] * HEAD_DIM + dims[None, :],
+            output,
+            mask=row_valid[:, None] & dim_valid[None, :],
+        )
+
+    @triton.jit
+    def _merge_parts(
+        part_output,
+        part_lse,
+        output,
+        stride_ob,
+        stride_on,
+        stride_oh,
+        num_nodes,
+        groups,
+        num_kv_heads,
+        num_parts,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        row_head = tl.program_id(0)
+        row = tl.program_id(1)
+        query_rows = groups * num_nodes
+        parts = tl.arange(0, BLOCK_P)
+        lse = tl.load(
+            part_lse + (row_head * num_parts + parts) * query_rows + row, mask=parts < num_parts, other=-1e30
+        )
+        lse = tl.where(lse == float("-inf"), -1e30, lse)
+        top = tl.max(lse, 0)
+        total = tl.sum(tl.exp2(lse - top), 0)
+        dims = tl.arange(0, BLOCK_D)
+        dim_valid = dims < HEAD_DIM
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for part in range(0, num_parts):
+            index = (row_head * num_parts + part) * query_rows + row
+            weight = tl.exp2(tl.load(part_lse + index) - top) / total
+            acc += weight * tl.load(part_output + index * HEAD_DIM + dims, mask=dim_valid, other=0.0)
+        batch_row = row_head // num_kv_heads
+        head = (row_head % num_kv_heads) * groups + row // num_nodes
+        node = row % num_nodes
+        target = output + batch_row * stride_ob + node * stride_on + head * stride_oh + dims
+        tl.store(target, acc.to(output.dtype.element_ty), mask=dim_valid)
+
+
+def tree_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    node_slots: torch.Tensor,
+    tree_bias: torch.Tensor,
+    chunk_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Split tree attention of one layer: `query` `[B, Hq, N, D]` over the first `prefix_lengths[b]` slots of
+    `key`/`value` `[B, Hkv, S, D]` plus the N nodes at `node_slots` `[B, N]` as `tree_bias` `[B, 1, 1, N, N]`
+    (0 / -inf) allows, the prefix in `chunk_size`-slot parts. Returns `[B, N, Hq, D]` in the query's dtype.
+
+    The last dimension of every tensor must be contiguous (the slot cache's views are).
+    """
+    batch, num_heads, num_nodes, head_dim = query.shape
+    num_kv_heads, num_slots = key.shape[1], key.shape[2]
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("tree_attention_triton needs query, key and value contiguous in their last dimension.")
+    groups = num_heads // num_kv_heads
+    query_rows = groups * num_nodes
+    num_prefix_parts = -(-num_slots // chunk_size)
+    num_parts = num_prefix_parts + 1
+    part_output = torch.empty(batch * num_kv_heads * num_parts * query_rows, head_dim, device=query.device)
+    part_lse = torch.empty(batch * num_kv_heads * num_parts * query_rows, device=query.device)
+    block_m = query_block_rows(query_rows)
+    block_d = triton.next_power_of_2(head_dim)
+    bias = tree_bias.reshape(batch, num_nodes, num_nodes)
+    arguments = (
+        query,
+        key,
+        value,
+        prefix_lengths,
+        node_slots,
+        bias,
+        part_output,
+        part_lse,
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        key.stride(0),
+        key.stride(1),
+        key.stride(2),
+        value.stride(0),
+        value.stride(1),
+        value.stride(2),
+        node_slots.stride(0),
+        node_slots.stride(1),
+        bias.stride(0),
+        bias.stride(1),
+        bias.stride(2),
+        num_nodes,
+        groups,
+        num_kv_heads,
+        num_prefix_parts,
+        chunk_size,
+    )
+    row_blocks = triton.cdiv(query_rows, block_m)
+    scale_log2 = scale * 1.4426950408889634  # log2(e): the kernels work in base 2
+    # fp32 stays exact (no TF32), as torch's matmuls by default.
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    blocks = dict(DOT_PRECISION=precision, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=_KEY_BLOCK)
+    prefix_tiles, tree_tiles = triton.cdiv(chunk_size, _KEY_BLOCK), triton.cdiv(num_nodes, _KEY_BLOCK)
+    _partial_attention[(num_prefix_parts, batch * num_kv_heads, row_blocks)](
+        *arguments, prefix_tiles, scale_log2, TREE=False, **blocks
+    )
+    _partial_attention[(1, batch * num_kv_heads, row_blocks)](*arguments, tree_tiles, scale_log2, TREE=True, **blocks)
+    output = torch.empty(batch, num_nodes, num_heads, head_dim, device=query.device, dtype=query.dtype)
+    _merge_parts[(batch * num_kv_heads, query_rows)](
+        part_output,
+        part_lse,
+        output,
+        output.stride(0),
+        output.stride(1),
+        output.stride(2),
+        num_nodes,
+        groups,
+        num_kv_heads,
+        num_parts,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_P=triton.next_power_of_2(num_parts),
+    )
+    return output
