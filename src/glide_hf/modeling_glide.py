@@ -23,11 +23,12 @@ Two ways to give the draft its view of the target:
 This file and its relative imports form the code that `trust_remote_code=True` loads: single-dot imports only.
 """
 
+import contextlib
 import copy
 import os
 import tempfile
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -90,10 +91,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[B, H, S, D]` by `cos`/`sin` `[B, S, D]` from the target's rotary embedding."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+    """Rotate `x` `[B, H, S, D]` (or `[B, S, H, D]` with `heads_dim=2`) by `cos`/`sin` `[B, S, D]` from the target's
+    rotary embedding."""
+    cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
     return (x * cos) + (rotate_half(x) * sin)
+
+
+def _concatenated_linear(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linear layers that read the same input: outputs side by side."""
+    weight = torch.cat([linear.weight for linear in linears])
+    if all(linear.bias is None for linear in linears):
+        return weight, None
+    biases = [
+        linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features) for linear in linears
+    ]
+    return weight, torch.cat(biases)
+
+
+def _plain_linears(*modules: nn.Module) -> bool:
+    """True when every module is a plain `nn.Linear` (no LoRA, quantized or hooked subclass), so its weights may
+    be concatenated."""
+    return all(
+        type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks for module in modules
+    )
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -138,9 +159,23 @@ class GlideMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see `fused_projections`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate_up is not None:
+            gate, up = nn.functional.linear(x, *self.fused_gate_up).chunk(2, dim=-1)
+            return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse_projections(self) -> bool:
+        """Concatenate the gate and up projections into one GEMM (inference); False where they are not plain."""
+        if not _plain_linears(self.gate_proj, self.up_proj):
+            return False
+        self.fused_gate_up = _concatenated_linear([self.gate_proj, self.up_proj])
+        return True
+
+    def unfuse_projections(self) -> None:
+        self.fused_gate_up = None
 
 
 class GlideAttention(nn.Module):
@@ -161,6 +196,18 @@ class GlideAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see `fused_projections`
+
+    def fuse_projections(self) -> bool:
+        """Concatenate the query, key and value projections into one GEMM, whose query and key heads are then
+        rotated together (inference); False where they are not plain."""
+        if not _plain_linears(self.q_proj, self.k_proj, self.v_proj):
+            return False
+        self.fused_qkv = _concatenated_linear([self.q_proj, self.k_proj, self.v_proj])
+        return True
+
+    def unfuse_projections(self) -> None:
+        self.fused_qkv = None
 
     def project_key_value(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -181,11 +228,20 @@ class GlideAttention(nn.Module):
     ) -> torch.Tensor:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, S, D]
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H_kv, S, D]
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
-        query_states, key_states = apply_rotary(query_states, cos, sin), apply_rotary(key_states, cos, sin)
+        if self.fused_qkv is not None:
+            heads, rotated_heads = self.config.num_attention_heads, self.q_proj.out_features // self.head_dim
+            rotated_heads += self.k_proj.out_features // self.head_dim
+            states = nn.functional.linear(hidden_states, *self.fused_qkv).view(hidden_shape)  # [B, S, H + 2 H_kv, D]
+            query_key = apply_rotary(states[:, :, :rotated_heads], cos, sin, heads_dim=2)
+            query_states = query_key[:, :, :heads].transpose(1, 2)  # [B, H, S, D]
+            key_states = query_key[:, :, heads:].transpose(1, 2)  # [B, H_kv, S, D]
+            value_states = states[:, :, rotated_heads:].transpose(1, 2)
+        else:
+            query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, S, D]
+            key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H_kv, S, D]
+            value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            query_states, key_states = apply_rotary(query_states, cos, sin), apply_rotary(key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -512,6 +568,25 @@ class GlidePreTrainedModel(PreTrainedModel):
         if self.target is not None:
             self.target.eval()  # frozen: no dropout, no gradient checkpointing, whatever Trainer asks of the draft
         return self
+
+    @contextlib.contextmanager
+    def fused_projections(self) -> Iterator[None]:
+        """Inside the block, the draft's self-attention computes query, key and value with one GEMM and its MLP gate
+        and up with one: fewer, larger kernels in a draft step, which at batch 1 is bound by kernel count (the
+        engine decodes inside it). The concatenated weights are copies (about a third of the draft layer), made on
+        entry and dropped on exit, so weights trained or loaded in between are never stale; projections that are not
+        plain `nn.Linear` (LoRA, quantized) stay separate. For inference only: gradients do not reach the original
+        weights through the copies."""
+        fused = [
+            module
+            for module in self.modules()
+            if isinstance(module, (GlideAttention, GlideMLP)) and module.fuse_projections()
+        ]
+        try:
+            yield
+        finally:
+            for module in fused:
+                module.unfuse_projections()
 
     def get_input_embeddings(self) -> nn.Module | None:
         return self.target.get_input_embeddings() if self.target is not None else None
