@@ -33,6 +33,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .errors import GlideConfigError
 from .tree_attention_kernel import query_block_rows, tree_attention_triton, triton_kernel_serves
 
 __all__ = [
@@ -106,7 +107,7 @@ class TreeAttentionInputs:
         """From each row's prefix length `[B]`, the nodes' slots `[B, N]`, their visibility `[B, N, N]` (bool), the
         slot cache's size and the kernel (one of `SPLIT_KERNELS`)."""
         if kernel not in SPLIT_KERNELS:
-            raise ValueError(f"kernel={kernel!r} is not one of {SPLIT_KERNELS}.")
+            raise GlideConfigError(f"`kernel={kernel!r}` is not one of {SPLIT_KERNELS}.")
         tree_bias = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, float("-inf"))
         lengths = prefix_lengths.to(torch.int32)
         return cls(lengths, node_slots, tree_bias[:, None, None], kernel, num_slots, chunk_size)
