@@ -21,7 +21,7 @@ Measures, in one process on one card (issue 3, item 8):
 
 Run: `python benchmarks/engine_gpu.py --out DIR` (prints a table, writes engine_gpu.json); `--forced-only` measures
 only the vanilla baselines and the forced-acceptance rows (engine_gpu_forced.json); `--quick` only the steps at 1k
-context and forced 3.5 (engine_gpu_quick.json).
+context (and at `--quick-contexts`) and forced 3.5 (engine_gpu_quick.json).
 """
 
 import argparse
@@ -330,12 +330,15 @@ def print_forced_rows(results: dict) -> None:
     )
 
 
-def quick(args, model_fields: dict, context: int, results: dict) -> int:
-    """A short check of the draft step and forced 3.5 after a change (engine_gpu_quick.json)."""
+def quick(args, model_fields: dict, contexts: tuple[int, ...], results: dict) -> int:
+    """A short check of the steps and forced 3.5 after a change (engine_gpu_quick.json)."""
     target, draft = build(model_fields, torch.float32 if args.tiny else torch.bfloat16)
     prompt = prompt_of(128)
     results["vanilla_dynamic_tok_s"] = vanilla_tokens_per_second(target, prompt, args.new_tokens)
-    results[f"steps_{context}"] = steps = step_times(target, draft, context)
+    for context in contexts:
+        results[f"steps_{context}"] = step_times(target, draft, context)
+    context = contexts[0]
+    steps = results[f"steps_{context}"]
     results.update(forced_3_5_rows(draft, prompt, args.new_tokens))
     with open(os.path.join(args.out, "engine_gpu_quick.json"), "w") as handle:
         json.dump(results, handle, indent=2)
@@ -347,6 +350,14 @@ def quick(args, model_fields: dict, context: int, results: dict) -> int:
         f"(split) | draft {full:.2f} ms ({100 * full / one_token:.1f}%), quarter vocabulary {quarter:.2f} ms "
         f"({100 * quarter / one_token:.1f}%), unfused {steps['draft_step_unfused_graph_ms']:.2f} ms"
     )
+    for context in contexts:
+        steps = results[f"steps_{context}"]
+        base = steps["split_1_graph_ms"]
+        print(
+            f"ctx {context}, graphs, split: 1-token {base:.2f} ms, verify 8/32/64 nodes "
+            + " / ".join(f"{steps[f'split_{n}_graph_ms'] / base:.2f}x" for n in (8, 32, 64))
+            + f" (64 nodes {steps['split_64_graph_ms']:.2f} ms; masked 1-token {steps['verify_1_graph_ms']:.2f} ms)"
+        )
     print(
         f"vanilla dynamic {results['vanilla_dynamic_tok_s']:.1f} tok/s | engine forced 3.5 (benchmark only): "
         f"{results['engine_forced_3.5_tok_s']:.1f} tok/s, quarter vocabulary "
@@ -369,6 +380,9 @@ def main() -> int:
         action="store_true",
         help="only vanilla dynamic generate, the steps at 1k context and forced 3.5 (full and quarter vocabulary)",
     )
+    parser.add_argument(
+        "--quick-contexts", type=int, nargs="*", default=[], help="with --quick: the steps at these contexts too"
+    )
     args = parser.parse_args()
     model_fields = TINY if args.tiny else LLAMA3_8B
     contexts = (64, 256) if args.tiny else (1024, 4096, 16384)
@@ -378,7 +392,7 @@ def main() -> int:
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__}
     if args.quick:
-        return quick(args, model_fields, contexts[0], results)
+        return quick(args, model_fields, (contexts[0], *args.quick_contexts), results)
     if not (args.skip_long or args.forced_only):
         results.update(long_context_exactness(long_context, 32, args.tiny))
     target, draft = build(model_fields, torch.float32 if args.tiny else torch.bfloat16)

@@ -8,7 +8,10 @@ graphs, one H100/H200), printed as tables and written to `probe_verify_kernels.j
 2. With `--gemm`: the projections of one layer and the LM head at 1, 8 and 64 rows: cuBLAS through `F.linear`, and
    Triton matmuls that `torch.compile(mode="max-autotune-no-cudagraphs")` picks.
 
-Run: `python benchmarks/probe_verify_kernels.py --out DIR`.
+`--sweep` instead times the Triton split at every tiling of `TILINGS` and several chunk sizes
+(`probe_triton_sweep.json`).
+
+Run: `python benchmarks/probe_verify_kernels.py --out DIR [--sweep]`.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from glide_hf import tree_attention
 from glide_hf.static_cache import SlotCache
 from glide_hf.tree_attention import TreeAttentionInputs, tree_attention_forward
+from glide_hf.tree_attention_kernel import KernelConfig, default_kernel_config
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE, VOCAB = 32, 32, 8, 128, 4096, 14336, 128256
 
@@ -75,9 +79,9 @@ def ungrouped_flash_prefix(query, key, value, inputs, scale):
     return output, lse.masked_fill((chunks.used == 0)[:, :, None, None], float("-inf"))
 
 
-def split_layers(cache, query, lengths, node_slots, visible, slots, kernel, chunk_size=None) -> None:
+def split_layers(cache, query, lengths, node_slots, visible, slots, kernel, chunk_size=None, config=None) -> None:
     """32 layers of split tree attention, the inputs built once as the engine does per verify forward."""
-    inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, kernel, chunk_size=chunk_size)
+    inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, kernel, chunk_size, triton_config=config)
     for layer in cache.layers:
         tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
 
@@ -87,6 +91,58 @@ def sdpa_floor(cache, query, context) -> None:
     for layer in cache.layers:
         keys, values = layer.keys[:, :, :context], layer.values[:, :, :context]
         F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+
+
+# Triton tilings to sweep (block_m, block_n, num_warps, num_stages); each is tried where block_m <= 2 x the rows.
+TILINGS = [
+    (16, 64, 4, 2),
+    (16, 64, 4, 3),
+    (16, 128, 4, 2),
+    (16, 128, 8, 3),
+    (32, 64, 4, 2),
+    (32, 128, 4, 3),
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (64, 128, 8, 3),
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+]
+
+
+def triton_sweep(contexts, node_counts) -> list[dict]:
+    """Every tiling and chunk size of the Triton split for each context and node count; the default marked."""
+    rows = []
+    dtype = torch.bfloat16
+    for context in contexts:
+        slots = context + 128
+        cache = SlotCache.allocate(LAYERS, 1, KV_HEADS, slots, HEAD_DIM, dtype, "cuda")
+        for layer in cache.layers:
+            layer.keys.normal_()
+            layer.values.normal_()
+        lengths = torch.tensor([context], device="cuda")
+        for nodes in node_counts:
+            query = torch.randn(1, HEADS, nodes, HEAD_DIM, device="cuda", dtype=dtype)
+            node_slots = lengths[:, None] + torch.arange(nodes, device="cuda")[None]
+            visible = torch.ones(nodes, nodes, dtype=torch.bool, device="cuda").tril()[None]
+            layers = functools.partial(split_layers, cache, query, lengths, node_slots, visible, slots, "triton")
+            query_rows = HEADS // KV_HEADS * nodes
+            default = default_kernel_config(query_rows)
+            timings = {"default": graph_ms(layers), "default_config": str(default)}
+            for tiling in TILINGS:
+                if tiling[0] > 2 * max(query_rows, 16):
+                    continue
+                config = KernelConfig(*tiling)
+                for chunk in (None, 512, 1024, 2048):
+                    if chunk is None or chunk < slots:
+                        name = f"{tiling}/{chunk or 'auto'}"
+                        timings[name] = graph_ms(functools.partial(layers, chunk, config))
+            best = min((v, k) for k, v in timings.items() if isinstance(v, float))
+            row = {"context": context, "nodes": nodes, "best": best, **timings}
+            rows.append(row)
+            print(json.dumps({"context": context, "nodes": nodes, "default": timings["default"], "best": best}))
+    return rows
 
 
 def attention_probe(contexts, node_counts) -> list[dict]:
@@ -166,11 +222,21 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--gemm", action="store_true", help="also the GEMM probe (cuBLAS against max-autotune)")
+    parser.add_argument("--sweep", action="store_true", help="only a sweep of the Triton split's tilings and chunks")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     started = time.perf_counter()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.sweep:
+        results["triton_sweep"] = triton_sweep((1024, 16384), (1, 8, 64))
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "probe_triton_sweep.json"), "w") as handle:
+            json.dump(results, handle, indent=1)
+        print("\n32 layers of Triton split attention (ms, CUDA graph): default tiling, best (tiling/chunk)")
+        for row in results["triton_sweep"]:
+            print(f"ctx {row['context']:>6} N {row['nodes']:>3}: default {row['default']:.3f}, best {row['best']}")
+        return 0
     results["attention"] = attention_probe((1024, 16384), (1, 8, 64))
     results["gemm"] = gemm_probe(autotune=True) if args.gemm else []
     results["seconds"] = time.perf_counter() - started

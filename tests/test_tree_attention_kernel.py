@@ -28,7 +28,8 @@ def test_triton_split_attention_equals_the_reference_in_the_interpreter():
         [sys.executable, __file__], env=environment, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok") == 2 * len(CASES) + 1  # every case in fp16 and fp32, and the control
+    # every case in fp16 and fp32, with other tilings, and the control
+    assert result.stdout.count("ok") == 3 * len(CASES) + 1, result.stdout
 
 
 def _allow_array_loop_bounds() -> None:
@@ -45,7 +46,7 @@ def _allow_array_loop_bounds() -> None:
     interpreter._patch_lang_tensor = patch_with_index
 
 
-def check_against_the_reference(dtype, batch, heads, kv_heads, nodes, slots, dim, chunk) -> None:
+def check_against_the_reference(dtype, batch, heads, kv_heads, nodes, slots, dim, chunk, config=None) -> None:
     from glide_hf.tree_attention import TreeAttentionInputs, tree_attention_forward
 
     torch.manual_seed(nodes)
@@ -59,7 +60,7 @@ def check_against_the_reference(dtype, batch, heads, kv_heads, nodes, slots, dim
     expected, _ = tree_attention_forward(
         None, query.float(), keys.float(), values.float(), None, glide_tree=reference_inputs
     )
-    inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, "triton", chunk_size=chunk)
+    inputs = TreeAttentionInputs.build(lengths, node_slots, visible, slots, "triton", chunk, triton_config=config)
     got, _ = tree_attention_forward(None, query, keys, values, None, glide_tree=inputs)
     assert got.dtype == dtype and got.shape == (batch, nodes, heads, dim)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
@@ -97,5 +98,10 @@ if __name__ == "__main__":
         for dtype in (torch.float16, torch.float32):
             check_against_the_reference(dtype, *case)
             print("ok", dtype, case, flush=True)
+    from glide_hf.tree_attention_kernel import KernelConfig
+
+    for case, config in zip(CASES, [KernelConfig(16, 16, 2, 1), KernelConfig(32, 32, 4, 3)] * 2):
+        check_against_the_reference(torch.float16, *case, config=config)
+        print("ok", config, case, flush=True)
     check_the_tree_bias_is_read()
     print("ok: the tree bias is read")

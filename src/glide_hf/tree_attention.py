@@ -34,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .errors import GlideConfigError
-from .tree_attention_kernel import query_block_rows, tree_attention_triton, triton_kernel_serves
+from .tree_attention_kernel import KernelConfig, default_kernel_config, tree_attention_triton, triton_kernel_serves
 
 __all__ = [
     "SPLIT_KERNELS",
@@ -55,7 +55,7 @@ _FLASH_MAX_HEAD_DIM = 256
 # Split-KV sizing of the fused prefix. The kernel runs one block per (chunk, key head, `_FLASH_QUERY_BLOCK` query
 # rows); the prefix is cut into as many chunks as give about `PREFIX_BLOCKS_PER_MULTIPROCESSOR` blocks per
 # multiprocessor, but none shorter than `PREFIX_MIN_CHUNK_SLOTS` (shorter chunks only add merge work).
-PREFIX_BLOCKS_PER_MULTIPROCESSOR = 2
+PREFIX_BLOCKS_PER_MULTIPROCESSOR = 4
 PREFIX_MIN_CHUNK_SLOTS = 256
 _FLASH_QUERY_BLOCK = 128
 _DEFAULT_MULTIPROCESSORS = 132
@@ -82,8 +82,8 @@ class TreeAttentionInputs:
     long: where each tree node's keys were written; `tree_bias` `[B, 1, 1, N, N]` fp32: 0 where node i sees node j
     (j is i or an ancestor of i), -inf elsewhere; `kernel`: one of `SPLIT_KERNELS` (see the module's docstring);
     `num_slots`: the slot cache's size; `chunk_size`: slots per split-KV chunk of the triton or flash prefix (None:
-    sized for the GPU by `prefix_chunk_slots`); `prefix_chunks`: the chunking, made by the first layer and reused
-    by the others.
+    sized for the GPU by `prefix_chunk_slots`); `triton_config`: the Triton kernel's tiling (None: its default);
+    `prefix_chunks`: the flash prefix's chunking, made by the first layer and reused by the others.
     """
 
     prefix_lengths: torch.Tensor
@@ -92,6 +92,7 @@ class TreeAttentionInputs:
     kernel: str
     num_slots: int
     chunk_size: int | None = None
+    triton_config: KernelConfig | None = None
     prefix_chunks: PrefixChunks | None = None
 
     @classmethod
@@ -103,6 +104,7 @@ class TreeAttentionInputs:
         num_slots: int,
         kernel: str,
         chunk_size: int | None = None,
+        triton_config: KernelConfig | None = None,
     ) -> "TreeAttentionInputs":
         """From each row's prefix length `[B]`, the nodes' slots `[B, N]`, their visibility `[B, N, N]` (bool), the
         slot cache's size and the kernel (one of `SPLIT_KERNELS`)."""
@@ -110,7 +112,7 @@ class TreeAttentionInputs:
             raise GlideConfigError(f"`kernel={kernel!r}` is not one of {SPLIT_KERNELS}.")
         tree_bias = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, float("-inf"))
         lengths = prefix_lengths.to(torch.int32)
-        return cls(lengths, node_slots, tree_bias[:, None, None], kernel, num_slots, chunk_size)
+        return cls(lengths, node_slots, tree_bias[:, None, None], kernel, num_slots, chunk_size, triton_config)
 
     def chunk_slots_for(self, num_kv_heads: int, query_rows: int, query_block: int) -> int:
         """Slots per split-KV chunk for `query_rows` query rows per key head, `query_block` rows per kernel block."""
@@ -290,9 +292,10 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
     if inputs.kernel == "triton":
         num_kv_heads = key.shape[1]
         rows = query.shape[1] // num_kv_heads * query.shape[2]
-        chunk = inputs.chunk_slots_for(num_kv_heads, rows, query_block_rows(rows))
+        config = inputs.triton_config or default_kernel_config(rows)
+        chunk = inputs.chunk_slots_for(num_kv_heads, rows, config.block_m)
         output = tree_attention_triton(
-            query, key, value, inputs.prefix_lengths, inputs.node_slots, inputs.tree_bias, chunk, scale
+            query, key, value, inputs.prefix_lengths, inputs.node_slots, inputs.tree_bias, chunk, scale, config
         )
         return output, None
     if inputs.kernel == "flash":

@@ -18,6 +18,8 @@ engine stays exactly the target; `tree_attention.split_attention_kernel`); the C
 Triton's interpreter (`TRITON_INTERPRET=1`) when Triton is installed.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 try:  # optional: the engine falls back to torch's flash kernel or plain torch without it
@@ -26,13 +28,42 @@ try:  # optional: the engine falls back to torch's flash kernel or plain torch w
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-__all__ = ["TRITON_DTYPES", "tree_attention_triton", "triton_available", "triton_kernel_serves"]
+__all__ = [
+    "TRITON_DTYPES",
+    "KernelConfig",
+    "default_kernel_config",
+    "tree_attention_triton",
+    "triton_available",
+    "triton_kernel_serves",
+]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
-_KEY_BLOCK = 64  # keys per tile of the partial kernel
 _MIN_QUERY_BLOCK = 16  # tl.dot's smallest tile
-_MAX_QUERY_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tiling of the partial kernel: `block_m` query rows and `block_n` keys per tile, Triton's `num_warps` and
+    `num_stages` (software pipelining of the key/value loads)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Tilings picked by `python benchmarks/probe_verify_kernels.py --sweep` on an H200 (docs/benchmarks.md, run 8's
+# follow-up): few query rows are memory-bound and want long key tiles; many rows want 64 x 64 tiles, deeper pipelined.
+_FEW_ROWS_CONFIG = KernelConfig(block_m=_MIN_QUERY_BLOCK, block_n=128, num_warps=4, num_stages=2)
+_MANY_ROWS_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+_FEW_ROWS = 32
+
+
+def default_kernel_config(query_rows: int) -> KernelConfig:
+    """The tiling for `query_rows` query rows per key head (G x N): `_FEW_ROWS_CONFIG` up to `_FEW_ROWS` rows (a
+    token or a short chain), `_MANY_ROWS_CONFIG` beyond (trees)."""
+    return _FEW_ROWS_CONFIG if query_rows <= _FEW_ROWS else _MANY_ROWS_CONFIG
 
 
 def triton_available() -> bool:
@@ -43,12 +74,6 @@ def triton_available() -> bool:
 def triton_kernel_serves(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether these kernels serve a slot cache of this device, dtype and head size."""
     return triton is not None and device.type == "cuda" and dtype in TRITON_DTYPES and head_dim <= _MAX_HEAD_DIM
-
-
-def query_block_rows(query_rows: int) -> int:
-    """Query rows per program of the partial kernel: the rows of one key head (G x N), as a power of two between
-    `_MIN_QUERY_BLOCK` and `_MAX_QUERY_BLOCK`."""
-    return min(_MAX_QUERY_BLOCK, max(_MIN_QUERY_BLOCK, triton.next_power_of_2(query_rows)))
 
 
 if triton is not None:
@@ -91,9 +116,10 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        part = num_prefix_parts if TREE else tl.program_id(0)
-        row_head = tl.program_id(1)
-        row_block = tl.program_id(2)
+        # Row blocks vary fastest, so the programs reading one chunk's keys run together (the keys stay in L2).
+        row_block = tl.program_id(0)
+        part = num_prefix_parts if TREE else tl.program_id(1)
+        row_head = tl.program_id(2)
         batch_row = row_head // num_kv_heads
         kv_head = row_head % num_kv_heads
         query_rows = groups * num_nodes
@@ -215,10 +241,12 @@ def tree_attention_triton(
     tree_bias: torch.Tensor,
     chunk_size: int,
     scale: float,
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Split tree attention of one layer: `query` `[B, Hq, N, D]` over the first `prefix_lengths[b]` slots of
     `key`/`value` `[B, Hkv, S, D]` plus the N nodes at `node_slots` `[B, N]` as `tree_bias` `[B, 1, 1, N, N]`
-    (0 / -inf) allows, the prefix in `chunk_size`-slot parts. Returns `[B, N, Hq, D]` in the query's dtype.
+    (0 / -inf) allows, the prefix in `chunk_size`-slot parts, tiled by `config` (default: `default_kernel_config`).
+    Returns `[B, N, Hq, D]` in the query's dtype.
 
     The last dimension of every tensor must be contiguous (the slot cache's views are).
     """
@@ -232,7 +260,7 @@ def tree_attention_triton(
     num_parts = num_prefix_parts + 1
     part_output = torch.empty(batch * num_kv_heads * num_parts * query_rows, head_dim, device=query.device)
     part_lse = torch.empty(batch * num_kv_heads * num_parts * query_rows, device=query.device)
-    block_m = query_block_rows(query_rows)
+    config = config or default_kernel_config(query_rows)
     block_d = triton.next_power_of_2(head_dim)
     bias = tree_bias.reshape(batch, num_nodes, num_nodes)
     arguments = (
@@ -264,16 +292,24 @@ def tree_attention_triton(
         num_prefix_parts,
         chunk_size,
     )
-    row_blocks = triton.cdiv(query_rows, block_m)
+    row_blocks = triton.cdiv(query_rows, config.block_m)
     scale_log2 = scale * 1.4426950408889634  # log2(e): the kernels work in base 2
     # fp32 stays exact (no TF32), as torch's matmuls by default.
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    blocks = dict(DOT_PRECISION=precision, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=_KEY_BLOCK)
-    prefix_tiles, tree_tiles = triton.cdiv(chunk_size, _KEY_BLOCK), triton.cdiv(num_nodes, _KEY_BLOCK)
-    _partial_attention[(num_prefix_parts, batch * num_kv_heads, row_blocks)](
+    blocks = dict(
+        DOT_PRECISION=precision,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    prefix_tiles, tree_tiles = triton.cdiv(chunk_size, config.block_n), triton.cdiv(num_nodes, config.block_n)
+    _partial_attention[(row_blocks, num_prefix_parts, batch * num_kv_heads)](
         *arguments, prefix_tiles, scale_log2, TREE=False, **blocks
     )
-    _partial_attention[(1, batch * num_kv_heads, row_blocks)](*arguments, tree_tiles, scale_log2, TREE=True, **blocks)
+    _partial_attention[(row_blocks, 1, batch * num_kv_heads)](*arguments, tree_tiles, scale_log2, TREE=True, **blocks)
     output = torch.empty(batch, num_nodes, num_heads, head_dim, device=query.device, dtype=query.dtype)
     _merge_parts[(batch * num_kv_heads, query_rows)](
         part_output,
