@@ -480,7 +480,7 @@ def test_prefix_chunks_fill_the_gpu_without_chunks_shorter_than_the_minimum():
     tree = prefix_chunk_slots(16384, 1, 8, 256, cpu)
     assert PREFIX_MIN_CHUNK_SLOTS <= one_token < tree < 16384
     assert prefix_chunk_slots(1024, 1, 8, 256, cpu) >= PREFIX_MIN_CHUNK_SLOTS
-    assert prefix_chunk_slots(16384, 32, 8, 256, cpu) == 16384  # a batch of 32 fills the GPU with one chunk
+    assert prefix_chunk_slots(16384, 64, 8, 256, cpu) == 16384  # a batch of 64 fills the GPU with one chunk
 
 
 def test_fractional_forced_acceptance_alternates_to_the_requested_average():
