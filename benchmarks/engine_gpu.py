@@ -147,8 +147,8 @@ def step_times(target, draft, context: int) -> dict:
             _draft_step(call, token, position, ring.ring_slots(position), None, None, verified)
 
         results = {"draft_step_unfused_graph_ms": 1000 * graph_time(draft_step)}
-        # The engine drafts with the self-attention's q/k/v and the MLP's gate/up fused (`fused_projections`).
-        fusing = draft.fused_projections()
+        # The engine drafts with the self-attention's q/k/v and the MLP's gate/up fused (`fused_for_inference`).
+        fusing = draft.fused_for_inference()
         fusing.__enter__()
         results["draft_step_ms"] = 1000 * cuda_time(draft_step, repeats=20, warmup=3)
         results["draft_step_graph_ms"] = 1000 * graph_time(draft_step)

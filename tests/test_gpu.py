@@ -188,6 +188,24 @@ def test_engine_with_the_triton_split_verify_equals_the_target_in_float32_on_cud
         assert torch.equal(out[row, width:], expected)
 
 
+def test_fused_for_inference_runs_the_triton_norm_with_the_same_logits_on_cuda(monkeypatch):
+    """On CUDA with Triton, `fused_for_inference` sends every draft RMSNorm through the Triton kernel and fuses the
+    projections, and the bf16 draft's logits stay those of the plain forward (bf16 rounding aside)."""
+    from glide_hf import modeling_glide
+
+    calls = []
+    original = modeling_glide.triton_rms_norm
+    monkeypatch.setattr(modeling_glide, "triton_rms_norm", lambda *args: calls.append(1) or original(*args))
+    draft = build_draft(build_target().cuda()).to("cuda", torch.bfloat16)
+    ids = random_ids(2, 24).cuda()
+    with torch.no_grad():
+        expected = draft(ids, draft_lag=2).logits.float()
+        with draft.fused_for_inference():
+            got = draft(ids, draft_lag=2).logits.float()
+    assert len(calls) >= 3
+    torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
+
+
 def test_heuristic_schedule_with_cuda_graphs_equals_the_eager_engine_on_cuda():
     """One graph per chain length: replaying them gives what eager rounds give."""
     target = build_target().cuda()

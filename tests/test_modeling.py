@@ -327,15 +327,15 @@ def test_batched_drafting_cross_attention_equals_eager_with_several_queries():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fused_projections_keep_the_draft_output_and_are_dropped_on_exit(family):
-    """Inside `fused_projections` the self-attention's q/k/v and the MLP's gate/up run as one GEMM each, with the
+def test_fused_for_inference_keeps_the_draft_output_and_drops_the_copies_on_exit(family):
+    """Inside `fused_for_inference` the self-attention's q/k/v and the MLP's gate/up run as one GEMM each, with the
     same logits; on exit the copies are gone, and weights changed in between are used on the next entry."""
     draft = build_draft(build_target(family))
     layer = draft.model.layer
     ids = random_ids(2, 12)
     with torch.no_grad():
         expected = draft(ids, draft_lag=2).logits
-        with draft.fused_projections():
+        with draft.fused_for_inference():
             assert layer.self_attn.fused_qkv is not None and layer.mlp.fused_gate_up is not None
             assert (layer.self_attn.fused_qkv[1] is None) == (layer.self_attn.q_proj.bias is None)
             fused = draft(ids, draft_lag=2).logits
@@ -344,20 +344,20 @@ def test_fused_projections_keep_the_draft_output_and_are_dropped_on_exit(family)
         layer.self_attn.k_proj.weight.mul_(2.0)
         layer.mlp.up_proj.weight.mul_(0.5)
         changed = draft(ids, draft_lag=2).logits
-        with draft.fused_projections():
+        with draft.fused_for_inference():
             fused_changed = draft(ids, draft_lag=2).logits
     assert not torch.allclose(changed, expected, atol=1e-3)
     torch.testing.assert_close(fused_changed, changed, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_projections_leave_lora_projections_separate():
+def test_fused_for_inference_leaves_lora_projections_separate():
     peft = pytest.importorskip("peft")
     from glide_hf.lora import glide_lora_config
 
     draft = build_draft(build_target())
     peft_draft = peft.get_peft_model(draft, glide_lora_config(r=4, modules=("self_attn",)))
     layer = draft.model.layer
-    with torch.no_grad(), draft.fused_projections():
+    with torch.no_grad(), draft.fused_for_inference():
         assert layer.self_attn.fused_qkv is None  # LoRA layers: unchanged path
         assert layer.mlp.fused_gate_up is not None  # no adapters on the MLP here
         out = peft_draft(input_ids=random_ids(1, 10), draft_lag=2).logits

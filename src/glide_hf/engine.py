@@ -246,7 +246,7 @@ def glide_generate(
     if use_cuda_graphs is None:
         use_cuda_graphs = input_ids.is_cuda and not per_node_histories
 
-    with torch.no_grad(), draft.fused_projections():
+    with torch.no_grad(), draft.fused_for_inference():
         history_processors = None
         if per_node_histories:
             target._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)

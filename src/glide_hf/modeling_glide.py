@@ -54,6 +54,7 @@ from .errors import (
 )
 from .loss import causal_lm_loss, resolve_loss_implementation
 from .model_card import write_model_card
+from .norm_kernel import rms_norm_kernel_serves, triton_rms_norm
 
 logger = logging.get_logger(__name__)
 
@@ -70,8 +71,11 @@ class GlideRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.use_triton_kernel = False  # set by `GlidePreTrainedModel.fused_for_inference`
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.use_triton_kernel and rms_norm_kernel_serves(hidden_states):
+            return triton_rms_norm(hidden_states, self.weight, self.variance_epsilon)
         # Llama's RMSNorm (normalise in float32, scale in the input dtype) through torch's `rms_norm` op rather than
         # five elementwise ops: fewer kernels where torch fuses it, which counts in a draft step of many small kernels.
         input_dtype = hidden_states.dtype
@@ -159,7 +163,7 @@ class GlideMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
-        self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see `fused_projections`
+        self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by `fused_for_inference`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is not None:
@@ -196,7 +200,7 @@ class GlideAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
-        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see `fused_projections`
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by `fused_for_inference`
 
     def fuse_projections(self) -> bool:
         """Concatenate the query, key and value projections into one GEMM, whose query and key heads are then
@@ -570,23 +574,30 @@ class GlidePreTrainedModel(PreTrainedModel):
         return self
 
     @contextlib.contextmanager
-    def fused_projections(self) -> Iterator[None]:
-        """Inside the block, the draft's self-attention computes query, key and value with one GEMM and its MLP gate
-        and up with one: fewer, larger kernels in a draft step, which at batch 1 is bound by kernel count (the
-        engine decodes inside it). The concatenated weights are copies (about a third of the draft layer), made on
-        entry and dropped on exit, so weights trained or loaded in between are never stale; projections that are not
-        plain `nn.Linear` (LoRA, quantized) stay separate. For inference only: gradients do not reach the original
-        weights through the copies."""
+    def fused_for_inference(self) -> Iterator[None]:
+        """Inside the block the draft runs fewer, larger kernels, which counts in a draft step at batch 1 (bound by
+        how many kernels it launches; the engine decodes inside this block):
+        - the self-attention computes query, key and value with one GEMM (query and key heads rotated together) and
+          the MLP gate and up with one. The concatenated weights are copies (about a third of the draft layer), made
+          on entry and dropped on exit, so weights trained or loaded in between are never stale; projections that
+          are not plain `nn.Linear` (LoRA, quantized) stay separate;
+        - on CUDA with Triton installed, each RMSNorm is one Triton kernel (`norm_kernel.py`).
+        For inference only: gradients do not flow through the copies or the Triton norm."""
         fused = [
             module
             for module in self.modules()
             if isinstance(module, (GlideAttention, GlideMLP)) and module.fuse_projections()
         ]
+        norms = [module for module in self.modules() if isinstance(module, GlideRMSNorm)]
+        for norm in norms:
+            norm.use_triton_kernel = True
         try:
             yield
         finally:
             for module in fused:
                 module.unfuse_projections()
+            for norm in norms:
+                norm.use_triton_kernel = False
 
     def get_input_embeddings(self) -> nn.Module | None:
         return self.target.get_input_embeddings() if self.target is not None else None

@@ -1,6 +1,7 @@
-"""The Triton split tree attention (`tree_attention_kernel.py`) against the plain-torch reference, run on the CPU by
-Triton's interpreter in a child process (the interpreter must be chosen before Triton is imported). Skipped where
-Triton is not installed (CI installs no Triton: the CUDA tests in test_gpu.py check the compiled kernels)."""
+"""The Triton kernels (the split tree attention of `tree_attention_kernel.py`, the RMSNorm of `norm_kernel.py`)
+against their plain-torch references, run on the CPU by Triton's interpreter in a child process (the interpreter
+must be chosen before Triton is imported). Skipped where Triton is not installed (CI installs no Triton: the CUDA
+tests in test_gpu.py check the compiled kernels)."""
 
 import os
 import subprocess
@@ -19,7 +20,7 @@ CASES = [
 ]
 
 
-def test_triton_split_attention_equals_the_reference_in_the_interpreter():
+def test_triton_kernels_equal_their_references_in_the_interpreter():
     pytest.importorskip("triton")
     source = Path(__file__).resolve().parent.parent / "src"
     path = os.pathsep.join(filter(None, [str(source), str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
@@ -28,8 +29,8 @@ def test_triton_split_attention_equals_the_reference_in_the_interpreter():
         [sys.executable, __file__], env=environment, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    # every case in fp16 and fp32, with other tilings, and the control
-    assert result.stdout.count("ok") == 3 * len(CASES) + 1, result.stdout
+    # every attention case in fp16 and fp32, with other tilings, the control, and the norm in 4 dtype pairs
+    assert result.stdout.count("ok") == 3 * len(CASES) + 1 + 4, result.stdout
 
 
 def _allow_array_loop_bounds() -> None:
@@ -92,6 +93,23 @@ def check_the_tree_bias_is_read() -> None:
     assert not torch.allclose(outputs[0][:, 1:], outputs[2][:, 1:], atol=1e-3)  # node 0 sees only itself in both
 
 
+def check_rms_norm(dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
+    """The Triton RMSNorm equals the draft's `GlideRMSNorm` (Llama's), dtype of the result included."""
+    from glide_hf.modeling_glide import GlideRMSNorm
+    from glide_hf.norm_kernel import triton_rms_norm
+
+    torch.manual_seed(0)
+    norm = GlideRMSNorm(96, eps=1e-5).to(weight_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96))
+        hidden = torch.randn(2, 5, 96).to(dtype) * 3
+        expected = norm(hidden)
+        got = triton_rms_norm(hidden, norm.weight, norm.variance_epsilon)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    tolerance = 1e-5 if expected.dtype == torch.float32 and dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
 if __name__ == "__main__":
     _allow_array_loop_bounds()
     for case in CASES:
@@ -105,3 +123,8 @@ if __name__ == "__main__":
         print("ok", config, case, flush=True)
     check_the_tree_bias_is_read()
     print("ok: the tree bias is read")
+    for dtypes in ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32)):
+        check_rms_norm(*dtypes)
+        print("ok: rms norm", dtypes, flush=True)
+    check_rms_norm(torch.float32, torch.float16)
+    print("ok: rms norm float32 input, float16 weight")
