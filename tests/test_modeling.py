@@ -1,5 +1,7 @@
 """The draft layer: shape, attention backends, visibility rule, frozen target, drafting == training forward."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import (
@@ -348,6 +350,21 @@ def test_fused_for_inference_keeps_the_draft_output_and_drops_the_copies_on_exit
             fused_changed = draft(ids, draft_lag=2).logits
     assert not torch.allclose(changed, expected, atol=1e-3)
     torch.testing.assert_close(fused_changed, changed, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_for_inference_keeps_gradients_where_they_are_enabled():
+    """With gradients enabled the block changes nothing: the loss's gradient reaches the draft's own weights, even
+    when the block was entered without gradients (its copies then carry none)."""
+    draft = build_draft(build_target()).train()
+    ids = random_ids(2, 12)
+    with contextlib.ExitStack() as stack:
+        with torch.no_grad():
+            stack.enter_context(draft.fused_for_inference())
+        loss = draft(ids, labels=ids, draft_lag=2).loss
+    loss.backward()
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj", "input_layernorm"):
+        weight = draft.model.layer.get_submodule(name).weight
+        assert weight.grad is not None and weight.grad.abs().sum() > 0, name
 
 
 def test_fused_for_inference_leaves_lora_projections_separate():

@@ -278,9 +278,9 @@ def glide_generate(
         call.use_cuda_graphs = use_cuda_graphs
         cache_keys = call.target_cache.layers[0].keys
         call.split_kernel = _choose_split_kernel(split_kernel, cache_keys, split_verify)
-        # A target whose own attention cannot take the explicit mask (flash-attention) verifies split at any length.
         if split_verify_min_slots is None:
             split_verify_min_slots = SPLIT_VERIFY_MIN_SLOTS[call.split_kernel]
+        # A target whose own attention cannot take the explicit mask (flash-attention) verifies split at any length.
         prefer_split = call.target_cache.num_slots >= split_verify_min_slots or (
             target.config._attn_implementation not in ("sdpa", "eager")
         )

@@ -74,7 +74,7 @@ class GlideRMSNorm(nn.Module):
         self.use_triton_kernel = False  # set by `GlidePreTrainedModel.fused_for_inference`
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.use_triton_kernel and rms_norm_kernel_serves(hidden_states):
+        if self.use_triton_kernel and not torch.is_grad_enabled() and rms_norm_kernel_serves(hidden_states):
             return triton_rms_norm(hidden_states, self.weight, self.variance_epsilon)
         # Llama's RMSNorm (normalise in float32, scale in the input dtype) through torch's `rms_norm` op rather than
         # five elementwise ops: fewer kernels where torch fuses it, which counts in a draft step of many small kernels.
@@ -166,7 +166,7 @@ class GlideMLP(nn.Module):
         self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by `fused_for_inference`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_up is not None:
+        if self.fused_gate_up is not None and not torch.is_grad_enabled():
             gate, up = nn.functional.linear(x, *self.fused_gate_up).chunk(2, dim=-1)
             return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -233,7 +233,7 @@ class GlideAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
-        if self.fused_qkv is not None:
+        if self.fused_qkv is not None and not torch.is_grad_enabled():
             heads, rotated_heads = self.config.num_attention_heads, self.q_proj.out_features // self.head_dim
             rotated_heads += self.k_proj.out_features // self.head_dim
             states = nn.functional.linear(hidden_states, *self.fused_qkv).view(hidden_shape)  # [B, S, H + 2 H_kv, D]
@@ -582,7 +582,8 @@ class GlidePreTrainedModel(PreTrainedModel):
           on entry and dropped on exit, so weights trained or loaded in between are never stale; projections that
           are not plain `nn.Linear` (LoRA, quantized) stay separate;
         - on CUDA with Triton installed, each RMSNorm is one Triton kernel (`norm_kernel.py`).
-        For inference only: gradients do not flow through the copies or the Triton norm."""
+        Inference only: where gradients are enabled the draft takes its ordinary path (the copies and the Triton norm
+        would not pass gradients to the draft's weights)."""
         fused = [
             module
             for module in self.modules()
