@@ -700,3 +700,61 @@ def test_the_warm_up_key_tells_apart_rounds_that_launch_other_kernels():
     assert key(25, do_sample=False) == greedy  # another prompt length: other shapes, the same kernels
     sampled = key(10, do_sample=True, temperature=0.7)
     assert len({greedy, sampled, key(10, do_sample=True, temperature=0.7, top_p=0.9)}) == 3
+
+
+def test_round_code_path_separates_dtypes_of_the_target_cache_and_of_the_draft():
+    """A round warmed up for one dtype must not let another dtype's round be captured cold (Triton and cuBLAS pick
+    kernels per dtype): the warm-up key names both."""
+    from transformers import GenerationConfig
+
+    from glide_hf.engine import _prefill, _round_code_path
+    from glide_hf.tree import chain
+
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(1, 6)
+    config = GenerationConfig(do_sample=False, max_new_tokens=4)
+
+    def code_path():
+        call, _, _ = _prefill(draft, target, chain(2), config, prompt, torch.ones_like(prompt), 8, [], None, None)
+        return _round_code_path(call)
+
+    float32 = code_path()
+    draft.get_glide_model().layer.to(torch.bfloat16)
+    draft_bfloat16 = code_path()
+    target.to(torch.bfloat16)
+    both_bfloat16 = code_path()
+    assert len({float32, draft_bfloat16, both_bfloat16}) == 3
+    assert torch.float32 in float32 and torch.bfloat16 in draft_bfloat16
+
+
+def test_split_kernels_are_launched_with_the_shapes_of_the_coming_round(monkeypatch):
+    """Before a capture the engine launches the Triton split once with the round's sizes (CUDA only; here the launch
+    is checked for its shapes and run by the reference kernel)."""
+    from transformers import GenerationConfig
+
+    from glide_hf import engine
+    from glide_hf.tree import chain
+    from glide_hf.tree_attention import tree_attention_forward
+
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(2, 7)
+    config = GenerationConfig(do_sample=False, max_new_tokens=4)
+    mask = torch.ones_like(prompt)
+    call, rows, _ = engine._prefill(draft, target, chain(3), config, prompt, mask, 8, [], None, None)
+    seen = []
+
+    def reference(module, query, key, value, mask, glide_tree):
+        assert glide_tree.kernel == "triton" and glide_tree.num_slots == call.target_cache.num_slots
+        assert query.shape == (2, target.config.num_attention_heads, 4, key.shape[-1]) and key.shape[0] == 2
+        glide_tree.kernel = "torch"
+        seen.append(tree_attention_forward(module, query, key, value, mask, glide_tree=glide_tree)[0])
+        return seen[-1], None
+
+    monkeypatch.setattr(engine, "tree_attention_forward", reference)
+    engine._compile_split_kernels(call, rows)
+    assert not seen  # the call does not verify split
+    call.split_verify, call.split_kernel = True, "triton"
+    engine._compile_split_kernels(call, rows)
+    assert len(seen) == 1 and seen[0].shape == (2, 4, target.config.num_attention_heads, seen[0].shape[-1])

@@ -206,6 +206,26 @@ def test_fused_for_inference_runs_the_triton_norm_with_the_same_logits_on_cuda(m
     torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
 
 
+def test_a_round_captured_without_warm_up_gets_its_triton_kernels_compiled_first_on_cuda(monkeypatch):
+    """A later call with a longer prompt and chain (other sizes, other Triton tiling: 2 x 19 query rows per key head
+    against 2 x 4) is captured without a warm-up round; the split kernels are launched eagerly first, and the output
+    is still the target's."""
+    from glide_hf import engine
+
+    launches = []
+    original = engine._compile_split_kernels
+    monkeypatch.setattr(engine, "_compile_split_kernels", lambda *args: launches.append(1) or original(*args))
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    settings = dict(do_sample=False, eos_token_id=None, split_kernel="triton", split_verify_min_slots=0)
+    draft.generate(random_ids(1, 8).cuda(), max_new_tokens=16, num_draft_tokens=3, **settings)
+    prompt = random_ids(1, 300, seed=5).cuda()
+    launches.clear()
+    out = draft.generate(prompt, max_new_tokens=24, num_draft_tokens=18, **settings)
+    assert launches
+    assert torch.equal(out, target.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None))
+
+
 def test_heuristic_schedule_with_cuda_graphs_equals_the_eager_engine_on_cuda():
     """One graph per chain length: replaying them gives what eager rounds give."""
     target = build_target().cuda()

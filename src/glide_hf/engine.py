@@ -46,6 +46,7 @@ from .tree_attention import (
     TreeAttentionInputs,
     fused_prefix_kernel_available,
     split_attention_kernel,
+    tree_attention_forward,
     using_tree_attention,
 )
 from .tree_attention_kernel import triton_kernel_serves
@@ -610,6 +611,7 @@ class _RoundRunner:
             self.warm.add(shape)
             self.warm_code_paths.add(code_path)
             return result
+        _compile_split_kernels(self.call, self.rows)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             result = _round(self.call, self.rows, self.output)
@@ -618,10 +620,33 @@ class _RoundRunner:
         return result
 
 
+def _compile_split_kernels(call: _Call, rows: _Rows) -> None:
+    """Launch the Triton split attention once, eagerly, with the sizes of the round about to be captured.
+
+    Triton compiles a kernel for each new specialization of its arguments (its tiling, sizes equal to 1 or divisible
+    by 16), and loading a compiled kernel is not allowed while a stream is being captured on every driver. A round
+    captured without a warm-up (a later call, another prompt length or tree size) may need a new one: this makes
+    sure it exists. Only reads the target cache; the output is thrown away.
+    """
+    if not (call.split_verify and call.split_kernel == "triton"):
+        return
+    layer = call.target_cache.layers[0]
+    batch, num_nodes = rows.lengths.shape[0], call.policy.num_nodes
+    num_heads, head_dim = call.target.config.num_attention_heads, layer.keys.shape[-1]
+    # The layout Transformers' attention hands over: [B, N, Hq, D] transposed to [B, Hq, N, D].
+    query = layer.keys.new_zeros(batch, num_nodes, num_heads, head_dim).transpose(1, 2)
+    node_slots = rows.lengths[:, None] + torch.arange(num_nodes, device=rows.lengths.device)[None]
+    itself = torch.eye(num_nodes, dtype=torch.bool, device=rows.lengths.device)[None].expand(batch, -1, -1)
+    inputs = TreeAttentionInputs.build(rows.lengths, node_slots, itself, call.target_cache.num_slots, "triton")
+    tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
+
+
 def _round_code_path(call: _Call) -> tuple:
     """What decides which kernels and libraries a round uses (its shapes aside): one warm-up round per value."""
     return (
         str(call.eos_tensor.device),
+        call.target_cache.layers[0].keys.dtype,  # dtypes: Triton and cuBLAS pick kernels per dtype
+        next(call.draft.get_glide_model().layer.parameters()).dtype,
         call.target.config._attn_implementation,
         call.policy.kind,
         call.config.do_sample,
