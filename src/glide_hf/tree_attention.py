@@ -292,7 +292,7 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
     if inputs.kernel == "triton":
         num_kv_heads = key.shape[1]
         rows = query.shape[1] // num_kv_heads * query.shape[2]
-        config = inputs.triton_config or default_kernel_config(rows)
+        config = inputs.triton_config or default_kernel_config(rows, query.dtype)
         chunk = inputs.chunk_slots_for(num_kv_heads, rows, config.block_m)
         output = tree_attention_triton(
             query, key, value, inputs.prefix_lengths, inputs.node_slots, inputs.tree_bias, chunk, scale, config

@@ -38,7 +38,9 @@ __all__ = [
 ]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
+# Tiles of up to 64 x 128 query rows and 64-128 keys with 3 pipeline stages fit a Hopper's shared memory at this head
+# size (measured: 128, the size of every supported target family); larger heads take the flash prefix.
+_MAX_HEAD_DIM = 128
 _MIN_QUERY_BLOCK = 16  # tl.dot's smallest tile
 
 
@@ -53,16 +55,22 @@ class KernelConfig:
     num_stages: int
 
 
-# Tilings picked by `python benchmarks/probe_verify_kernels.py --sweep` on an H200 (docs/benchmarks.md, run 8's
-# follow-up): few query rows are memory-bound and want long key tiles; many rows want 64 x 64 tiles, deeper pipelined.
+# Tilings picked by `python benchmarks/probe_verify_kernels.py --sweep` on an H200 for 16-bit inputs
+# (docs/benchmarks.md, runs 9 and 10): few query rows are memory-bound and want long key tiles; many rows want
+# 64 x 64 tiles, deeper pipelined. fp32 tiles take twice the shared memory: there the tiling of run 8 (64 keys,
+# 2 stages), which ran the 32k-token fp32 exactness check.
 _FEW_ROWS_CONFIG = KernelConfig(block_m=_MIN_QUERY_BLOCK, block_n=128, num_warps=4, num_stages=2)
 _MANY_ROWS_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 _FEW_ROWS = 32
 
 
-def default_kernel_config(query_rows: int) -> KernelConfig:
-    """The tiling for `query_rows` query rows per key head (G x N): `_FEW_ROWS_CONFIG` up to `_FEW_ROWS` rows (a
-    token or a short chain), `_MANY_ROWS_CONFIG` beyond (trees)."""
+def default_kernel_config(query_rows: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+    """The tiling for `query_rows` query rows per key head (G x N) of this dtype: for 16-bit inputs
+    `_FEW_ROWS_CONFIG` up to `_FEW_ROWS` rows (a token or a short chain), `_MANY_ROWS_CONFIG` beyond (trees); for
+    fp32 a power-of-two block of 16 to 64 rows against 64 keys, 2 stages."""
+    if dtype == torch.float32:
+        block_m = min(64, max(_MIN_QUERY_BLOCK, triton.next_power_of_2(query_rows)))
+        return KernelConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=2)
     return _FEW_ROWS_CONFIG if query_rows <= _FEW_ROWS else _MANY_ROWS_CONFIG
 
 
@@ -260,7 +268,7 @@ def tree_attention_triton(
     num_parts = num_prefix_parts + 1
     part_output = torch.empty(batch * num_kv_heads * num_parts * query_rows, head_dim, device=query.device)
     part_lse = torch.empty(batch * num_kv_heads * num_parts * query_rows, device=query.device)
-    config = config or default_kernel_config(query_rows)
+    config = config or default_kernel_config(query_rows, query.dtype)
     block_d = triton.next_power_of_2(head_dim)
     bias = tree_bias.reshape(batch, num_nodes, num_nodes)
     arguments = (
