@@ -758,3 +758,16 @@ def test_split_kernels_are_launched_with_the_shapes_of_the_coming_round(monkeypa
     call.split_verify, call.split_kernel = True, "triton"
     engine._compile_split_kernels(call, rows)
     assert len(seen) == 1 and seen[0].shape == (2, 4, target.config.num_attention_heads, seen[0].shape[-1])
+
+
+def test_a_split_kernel_that_does_not_serve_the_target_is_refused():
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(1, 5)
+    settings = dict(max_new_tokens=3, do_sample=False, verify_attention="split")
+    for kernel, needs in (("flash", "needs a CUDA target"), ("triton", "needs Triton installed")):
+        with pytest.raises(UnsupportedGenerationError, match=f"{needs}.*split_kernel='auto'"):
+            draft.generate(prompt, split_kernel=kernel, **settings)
+    with pytest.raises(GlideConfigError, match="is not one of 'auto', 'triton', 'flash' or 'torch'"):
+        draft.generate(prompt, split_kernel="fast", **settings)
+    assert draft.generate(prompt, split_kernel="torch", **settings).shape == (1, 8)

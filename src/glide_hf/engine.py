@@ -44,12 +44,11 @@ from .tree_attention import (
     SPLIT_KERNELS,
     TREE_ATTENTION,
     TreeAttentionInputs,
-    fused_prefix_kernel_available,
     split_attention_kernel,
+    split_kernel_serves,
     tree_attention_forward,
     using_tree_attention,
 )
-from .tree_attention_kernel import triton_kernel_serves
 
 logger = logging.get_logger(__name__)
 
@@ -357,16 +356,11 @@ def _choose_split_kernel(requested: str, cache_keys: torch.Tensor, split_verify:
     """The split attention's kernel: `requested`, checked against what serves the target's cache, or the best."""
     if requested != "auto" and requested not in SPLIT_KERNELS:
         raise GlideConfigError(f"`split_kernel={requested!r}` is not one of 'auto', 'triton', 'flash' or 'torch'.")
-    best = split_attention_kernel(cache_keys.device, cache_keys.dtype, cache_keys.shape[-1])
+    device, dtype, head_dim = cache_keys.device, cache_keys.dtype, cache_keys.shape[-1]
+    best = split_attention_kernel(device, dtype, head_dim)
     if requested == "auto" or not split_verify:
         return best
-    device, dtype, head_dim = cache_keys.device, cache_keys.dtype, cache_keys.shape[-1]
-    serves = {
-        "triton": triton_kernel_serves(device, dtype, head_dim),
-        "flash": fused_prefix_kernel_available(device, dtype, head_dim),
-        "torch": True,
-    }
-    if not serves[requested]:
+    if not split_kernel_serves(requested, device, dtype, head_dim):
         needs = {
             "triton": "Triton installed and a CUDA target in float16, bfloat16 or float32",
             "flash": "a CUDA target in float16 or bfloat16",

@@ -44,6 +44,7 @@ __all__ = [
     "fused_prefix_kernel_available",
     "prefix_chunk_slots",
     "split_attention_kernel",
+    "split_kernel_serves",
     "tree_attention_forward",
     "using_tree_attention",
 ]
@@ -166,11 +167,18 @@ def fused_prefix_kernel_available(device: torch.device, dtype: torch.dtype, head
     return "seqused_k" in schema
 
 
+def split_kernel_serves(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `kernel` (one of `SPLIT_KERNELS`) serves a slot cache of this device, dtype and head size."""
+    if kernel == "triton":
+        return triton_kernel_serves(device, dtype, head_dim)
+    if kernel == "flash":
+        return fused_prefix_kernel_available(device, dtype, head_dim)
+    return True
+
+
 def split_attention_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """The fastest of `SPLIT_KERNELS` that serves a slot cache of this device, dtype and head size."""
-    if triton_kernel_serves(device, dtype, head_dim):
-        return "triton"
-    return "flash" if fused_prefix_kernel_available(device, dtype, head_dim) else "torch"
+    return next(kernel for kernel in SPLIT_KERNELS if split_kernel_serves(kernel, device, dtype, head_dim))
 
 
 def _varlen_flash_forward(*args, **kwargs):
