@@ -21,7 +21,7 @@ STRATEGIES = {
 
 def left_pad(prompts: list[torch.Tensor], pad: int = 0):
     width = max(prompt.shape[-1] for prompt in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=prompts[0].device)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, width - prompt.shape[-1] :] = prompt

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_engine import left_pad
 from test_modeling import VOCAB, build_draft, build_target, random_ids
 from transformers import Trainer, TrainingArguments
 from transformers.utils import is_liger_kernel_available
@@ -70,22 +71,23 @@ def test_trainer_trains_with_liger_on_a_bfloat16_target(tmp_path, monkeypatch):
     assert draft.model.layer.mlp.up_proj.weight.dtype == torch.float32
 
 
+def assert_padded_batch_equals_target(target, draft, **engine_kwargs) -> None:
+    """Greedy engine output for a left-padded batch of three prompt lengths equals each row's `target.generate`."""
+    prompts = [random_ids(1, length, seed=length)[0].cuda() for length in (5, 17, 30)]
+    ids, mask = left_pad(prompts)
+    settings = dict(max_new_tokens=32, do_sample=False, eos_token_id=None)
+    out = draft.generate(ids, attention_mask=mask, **settings, **engine_kwargs)
+    for row, prompt in enumerate(prompts):
+        expected = target.generate(prompt[None], **settings)[0, prompt.shape[0] :]
+        assert torch.equal(out[row, ids.shape[1] :], expected)
+
+
 @pytest.mark.parametrize(
     "strategy", [dict(draft_strategy="chain"), dict(draft_strategy="tree", tree_widths=(4, 8, 8))]
 )
 def test_engine_greedy_batch_equals_target_output_on_cuda(strategy):
     target = build_target().cuda()
-    draft = build_draft(target).cuda()
-    prompts = [random_ids(1, length, seed=length).cuda() for length in (5, 17, 30)]
-    width = max(prompt.shape[1] for prompt in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long, device="cuda")
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - prompt.shape[1] :], mask[row, width - prompt.shape[1] :] = prompt[0], 1
-    out = draft.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None, **strategy)
-    for row, prompt in enumerate(prompts):
-        expected = target.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None)[0, prompt.shape[1] :]
-        assert torch.equal(out[row, width:], expected)
+    assert_padded_batch_equals_target(target, build_draft(target).cuda(), **strategy)
 
 
 def test_engine_with_cuda_graphs_equals_eager_engine_when_rows_finish_at_different_times():
@@ -174,18 +176,8 @@ def test_engine_with_the_triton_split_verify_equals_the_target_in_float32_on_cud
     monkeypatch.setattr(tree_attention, "tree_attention_triton", lambda *a: calls.append(1) or original(*a))
     target = build_target().cuda()
     draft = build_draft(target).cuda()
-    prompts = [random_ids(1, length, seed=length).cuda() for length in (5, 17, 30)]
-    width = max(prompt.shape[1] for prompt in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long, device="cuda")
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - prompt.shape[1] :], mask[row, width - prompt.shape[1] :] = prompt[0], 1
-    settings = dict(max_new_tokens=32, do_sample=False, eos_token_id=None, split_verify_min_slots=0)
-    out = draft.generate(ids, attention_mask=mask, split_kernel="triton", **settings, **strategy)
+    assert_padded_batch_equals_target(target, draft, split_kernel="triton", split_verify_min_slots=0, **strategy)
     assert calls
-    for row, prompt in enumerate(prompts):
-        expected = target.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None)[0, prompt.shape[1] :]
-        assert torch.equal(out[row, width:], expected)
 
 
 def test_fused_for_inference_runs_the_triton_norm_with_the_same_logits_on_cuda(monkeypatch):
