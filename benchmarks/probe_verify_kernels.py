@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from engine_gpu import graph_time
 
 from glide_hf import tree_attention
 from glide_hf.static_cache import SlotCache
@@ -31,24 +32,9 @@ from glide_hf.tree_attention_kernel import KernelConfig, default_kernel_config
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE, VOCAB = 32, 32, 8, 128, 4096, 14336, 128256
 
 
-def graph_ms(fn, repeats: int = 20) -> float:
+def graph_ms(fn) -> float:
     """Median milliseconds of one replay of `fn` captured as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(repeats + 3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times[3:])[repeats // 2]
+    return 1000 * graph_time(fn)
 
 
 def ungrouped_flash_prefix(query, key, value, inputs, scale):
@@ -111,9 +97,9 @@ TILINGS = [
 ]
 
 
-def triton_sweep(contexts, node_counts) -> list[dict]:
-    """Every tiling and chunk size of the Triton split for each context and node count; the default marked."""
-    rows = []
+def attention_cases(contexts, node_counts):
+    """For each context and node count: `(context, nodes, slots, cache, query, layers)`, with a 32-layer bf16 slot
+    cache of random keys and `layers(kernel, chunk_size=None, config=None)` timing-ready (`split_layers`)."""
     dtype = torch.bfloat16
     for context in contexts:
         slots = context + 128
@@ -126,55 +112,51 @@ def triton_sweep(contexts, node_counts) -> list[dict]:
             query = torch.randn(1, HEADS, nodes, HEAD_DIM, device="cuda", dtype=dtype)
             node_slots = lengths[:, None] + torch.arange(nodes, device="cuda")[None]
             visible = torch.ones(nodes, nodes, dtype=torch.bool, device="cuda").tril()[None]
-            layers = functools.partial(split_layers, cache, query, lengths, node_slots, visible, slots, "triton")
-            query_rows = HEADS // KV_HEADS * nodes
-            default = default_kernel_config(query_rows)
-            timings = {"default": graph_ms(layers), "default_config": str(default)}
-            for tiling in TILINGS:
-                if tiling[0] > 2 * max(query_rows, 16):
-                    continue
-                config = KernelConfig(*tiling)
-                for chunk in (None, 512, 1024, 2048):
-                    if chunk is None or chunk < slots:
-                        name = f"{tiling}/{chunk or 'auto'}"
-                        timings[name] = graph_ms(functools.partial(layers, chunk, config))
-            best = min((v, k) for k, v in timings.items() if isinstance(v, float))
-            row = {"context": context, "nodes": nodes, "best": best, **timings}
-            rows.append(row)
-            print(json.dumps({"context": context, "nodes": nodes, "default": timings["default"], "best": best}))
+            layers = functools.partial(split_layers, cache, query, lengths, node_slots, visible, slots)
+            yield context, nodes, slots, cache, query, layers
+
+
+def triton_sweep(contexts, node_counts) -> list[dict]:
+    """Every tiling and chunk size of the Triton split for each context and node count; the default marked."""
+    rows = []
+    for context, nodes, slots, _, _, layers in attention_cases(contexts, node_counts):
+        layers = functools.partial(layers, "triton")
+        query_rows = HEADS // KV_HEADS * nodes
+        default = default_kernel_config(query_rows)
+        timings = {"default": graph_ms(layers), "default_config": str(default)}
+        for tiling in TILINGS:
+            if tiling[0] > 2 * max(query_rows, 16):
+                continue
+            config = KernelConfig(*tiling)
+            for chunk in (None, 512, 1024, 2048):
+                if chunk is None or chunk < slots:
+                    name = f"{tiling}/{chunk or 'auto'}"
+                    timings[name] = graph_ms(functools.partial(layers, chunk, config))
+        best = min((v, k) for k, v in timings.items() if isinstance(v, float))
+        row = {"context": context, "nodes": nodes, "best": best, **timings}
+        rows.append(row)
+        print(json.dumps({"context": context, "nodes": nodes, "default": timings["default"], "best": best}))
     return rows
 
 
 def attention_probe(contexts, node_counts) -> list[dict]:
     rows = []
-    dtype = torch.bfloat16
-    for context in contexts:
-        slots = context + 128
-        cache = SlotCache.allocate(LAYERS, 1, KV_HEADS, slots, HEAD_DIM, dtype, "cuda")
-        for layer in cache.layers:
-            layer.keys.normal_()
-            layer.values.normal_()
-        lengths = torch.tensor([context], device="cuda")
-        for nodes in node_counts:
-            query = torch.randn(1, HEADS, nodes, HEAD_DIM, device="cuda", dtype=dtype)
-            node_slots = lengths[:, None] + torch.arange(nodes, device="cuda")[None]
-            visible = torch.ones(nodes, nodes, dtype=torch.bool, device="cuda").tril()[None]
-            row = {"context": context, "nodes": nodes}
-            for kernel in ("triton", "flash"):
-                layers = functools.partial(split_layers, cache, query, lengths, node_slots, visible, slots, kernel)
-                row[f"{kernel}_auto_ms"] = graph_ms(layers)
-                for chunk in (256, 512, 1024, 2048, 4096):
-                    if chunk < slots:
-                        row[f"{kernel}_{chunk}_ms"] = graph_ms(functools.partial(layers, chunk))
-            original = tree_attention._flash_prefix
-            tree_attention._flash_prefix = ungrouped_flash_prefix
-            try:
-                row["previous_1024_ms"] = graph_ms(functools.partial(layers, 1024))  # layers: the flash split
-            finally:
-                tree_attention._flash_prefix = original
-            row["sdpa_floor_ms"] = graph_ms(functools.partial(sdpa_floor, cache, query, context))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for context, nodes, slots, cache, query, layers in attention_cases(contexts, node_counts):
+        row = {"context": context, "nodes": nodes}
+        for kernel in ("triton", "flash"):
+            row[f"{kernel}_auto_ms"] = graph_ms(functools.partial(layers, kernel))
+            for chunk in (256, 512, 1024, 2048, 4096):
+                if chunk < slots:
+                    row[f"{kernel}_{chunk}_ms"] = graph_ms(functools.partial(layers, kernel, chunk))
+        original = tree_attention._flash_prefix
+        tree_attention._flash_prefix = ungrouped_flash_prefix
+        try:
+            row["previous_1024_ms"] = graph_ms(functools.partial(layers, "flash", 1024))
+        finally:
+            tree_attention._flash_prefix = original
+        row["sdpa_floor_ms"] = graph_ms(functools.partial(sdpa_floor, cache, query, context))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
