@@ -33,7 +33,6 @@ __all__ = [
     "KernelConfig",
     "default_kernel_config",
     "tree_attention_triton",
-    "triton_available",
     "triton_kernel_serves",
 ]
 
@@ -72,11 +71,6 @@ def default_kernel_config(query_rows: int, dtype: torch.dtype = torch.bfloat16) 
         block_m = min(64, max(_MIN_QUERY_BLOCK, triton.next_power_of_2(query_rows)))
         return KernelConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=2)
     return _FEW_ROWS_CONFIG if query_rows <= _FEW_ROWS else _MANY_ROWS_CONFIG
-
-
-def triton_available() -> bool:
-    """Whether Triton can be imported."""
-    return triton is not None
 
 
 def triton_kernel_serves(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
