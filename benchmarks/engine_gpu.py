@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from glide_hf import GlideForCausalLM
 from glide_hf.engine import glide_generate
+from glide_hf.norm_kernel import triton_rms_norms
 from glide_hf.tree_attention import TreeAttentionInputs, split_attention_kernel, using_tree_attention
 
 # `--tiny` runs the whole script on the CPU with a small model, to check it before spending GPU time.
@@ -127,6 +128,22 @@ def engine_tokens_per_second(draft, prompt, new_tokens: int, **kwargs) -> tuple[
     return float(out.new_tokens.sum()) / seconds, out.tokens_per_target_forward
 
 
+def split_step(target, call, rows, tokens, positions, visible, slots: int, kernel: str) -> None:
+    """One split verify forward of `tokens` (the engine's tree attention with `kernel`)."""
+    # Built inside the timed step: the engine builds these once per verify forward too.
+    tree = TreeAttentionInputs.build(rows.lengths, positions, visible, slots, kernel)
+    with using_tree_attention(target.config):
+        target(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=visible[:, None],
+            cache=call.target_cache,
+            use_cache=True,
+            logits_to_keep=tokens.shape[1],
+            glide_tree=tree,
+        )
+
+
 def step_times(target, draft, context: int) -> dict:
     """One target step (1 token) and one draft step, both reading a `context`-token target cache."""
     from transformers import GenerationConfig
@@ -162,50 +179,47 @@ def step_times(target, draft, context: int) -> dict:
         cache_keys = call.target_cache.layers[0].keys
         kernel = split_attention_kernel(cache_keys.device, cache_keys.dtype, cache_keys.shape[-1])
         results["split_kernel"] = kernel
-        for nodes in (1, 8, 32, 64):
-            tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
-            positions = rows.lengths[:, None] + torch.arange(nodes, device=DEVICE)[None]
-            call.target_cache.set_write_slots(positions)
-            slot = torch.arange(slots, device=DEVICE)[None, None, None]
-            causal = torch.arange(nodes, device=DEVICE)[None, None, :, None]
-            mask = (slot < rows.lengths[:, None, None, None]) | (
-                (slot - rows.lengths[:, None, None, None] <= causal) & (slot >= rows.lengths[:, None, None, None])
-            )
-
-            def verify(tokens=tokens, positions=positions, mask=mask, nodes=nodes):
-                target(
-                    input_ids=tokens,
-                    position_ids=positions,
-                    attention_mask=mask,
-                    cache=call.target_cache,
-                    use_cache=True,
-                    logits_to_keep=nodes,
+        # The engine runs the target with its RMSNorms as Triton kernels (`triton_rms_norms`); so do these steps.
+        with triton_rms_norms(target):
+            for nodes in (1, 8, 32, 64):
+                tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
+                positions = rows.lengths[:, None] + torch.arange(nodes, device=DEVICE)[None]
+                call.target_cache.set_write_slots(positions)
+                slot = torch.arange(slots, device=DEVICE)[None, None, None]
+                causal = torch.arange(nodes, device=DEVICE)[None, None, :, None]
+                mask = (slot < rows.lengths[:, None, None, None]) | (
+                    (slot - rows.lengths[:, None, None, None] <= causal) & (slot >= rows.lengths[:, None, None, None])
                 )
 
-            results[f"verify_{nodes}_ms"] = 1000 * cuda_time(verify, repeats=10, warmup=2)
-            results[f"verify_{nodes}_graph_ms"] = 1000 * graph_time(verify, repeats=10)
-            visible = torch.ones(1, nodes, nodes, dtype=torch.bool, device=DEVICE).tril()
-
-            def split(tokens=tokens, positions=positions, visible=visible, nodes=nodes, kernel=kernel):
-                # Built inside the timed step: the engine builds these once per verify forward too.
-                tree = TreeAttentionInputs.build(rows.lengths, positions, visible, slots, kernel)
-                with using_tree_attention(target.config):
+                def verify(tokens=tokens, positions=positions, mask=mask, nodes=nodes):
                     target(
                         input_ids=tokens,
                         position_ids=positions,
-                        attention_mask=visible[:, None],
+                        attention_mask=mask,
                         cache=call.target_cache,
                         use_cache=True,
                         logits_to_keep=nodes,
-                        glide_tree=tree,
                     )
 
-            results[f"split_{nodes}_ms"] = 1000 * cuda_time(split, repeats=10, warmup=2)
-            results[f"split_{nodes}_graph_ms"] = 1000 * graph_time(split, repeats=10)
-            if kernel == "triton":  # the previous split (flash prefix, torch tree and merge) for comparison
-                results[f"split_flash_{nodes}_graph_ms"] = 1000 * graph_time(
-                    functools.partial(split, kernel="flash"), repeats=10
-                )
+                results[f"verify_{nodes}_ms"] = 1000 * cuda_time(verify, repeats=10, warmup=2)
+                results[f"verify_{nodes}_graph_ms"] = 1000 * graph_time(verify, repeats=10)
+                visible = torch.ones(1, nodes, nodes, dtype=torch.bool, device=DEVICE).tril()
+
+                split = functools.partial(split_step, target, call, rows, tokens, positions, visible, slots, kernel)
+                results[f"split_{nodes}_ms"] = 1000 * cuda_time(split, repeats=10, warmup=2)
+                results[f"split_{nodes}_graph_ms"] = 1000 * graph_time(split, repeats=10)
+                if kernel == "triton":  # the previous split (flash prefix, torch tree and merge) for comparison
+                    results[f"split_flash_{nodes}_graph_ms"] = 1000 * graph_time(
+                        functools.partial(split_step, target, call, rows, tokens, positions, visible, slots, "flash"),
+                        repeats=10,
+                    )
+        for nodes in (1, 64):  # the split steps with the target's own (torch) norms, for comparison
+            tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
+            positions = rows.lengths[:, None] + torch.arange(nodes, device=DEVICE)[None]
+            call.target_cache.set_write_slots(positions)
+            visible = torch.ones(1, nodes, nodes, dtype=torch.bool, device=DEVICE).tril()
+            split = functools.partial(split_step, target, call, rows, tokens, positions, visible, slots, kernel)
+            results[f"split_{nodes}_own_norms_graph_ms"] = 1000 * graph_time(split, repeats=10)
         results["draft_cache_bytes"] = sum(
             tensor.numel() * tensor.element_size() for tensor in (ring.layers[0].keys, ring.layers[0].values)
         )
@@ -355,6 +369,8 @@ def quick(args, model_fields: dict, contexts: tuple[int, ...], results: dict) ->
             f"ctx {context}, graphs, split: 1-token {base:.2f} ms, verify 8/32/64 nodes "
             + " / ".join(f"{steps[f'split_{n}_graph_ms'] / base:.2f}x" for n in (8, 32, 64))
             + f" (64 nodes {steps['split_64_graph_ms']:.2f} ms; masked 1-token {steps['verify_1_graph_ms']:.2f} ms)"
+            + f" | own norms: 1-token {steps['split_1_own_norms_graph_ms']:.2f} ms,"
+            + f" 64 nodes {steps['split_64_own_norms_graph_ms']:.2f} ms"
         )
     print(
         f"vanilla dynamic {results['vanilla_dynamic_tok_s']:.1f} tok/s | engine forced 3.5 (benchmark only): "

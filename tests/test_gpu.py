@@ -198,6 +198,32 @@ def test_fused_for_inference_runs_the_triton_norm_with_the_same_logits_on_cuda(m
     torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_engine_runs_the_targets_norms_in_triton_and_keeps_its_output_on_cuda(monkeypatch, family):
+    """The engine verifies with the target's RMSNorms as Triton kernels (`triton_rms_norms`): a bf16 target's logits
+    stay those of its own norms (bf16 rounding aside), and the fp32 engine's greedy output is still the target's."""
+    from glide_hf import norm_kernel
+
+    calls = []
+    original = norm_kernel.triton_rms_norm
+    monkeypatch.setattr(norm_kernel, "triton_rms_norm", lambda *args: calls.append(1) or original(*args))
+    ids = random_ids(2, 24).cuda()
+    target = build_target(family).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        expected = target(ids).logits.float()
+        with norm_kernel.triton_rms_norms(target) as taken_over:
+            got = target(ids).logits.float()
+    assert taken_over > 0 and len(calls) == taken_over
+    torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
+    target = build_target(family).cuda()
+    draft = build_draft(target).cuda()
+    prompt = random_ids(1, 40, seed=7).cuda()
+    calls.clear()
+    out = draft.generate(prompt, max_new_tokens=32, num_draft_tokens=4, do_sample=False, eos_token_id=None)
+    assert calls
+    assert torch.equal(out, target.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None))
+
+
 def test_a_round_captured_without_warm_up_gets_its_triton_kernels_compiled_first_on_cuda(monkeypatch):
     """A later call with a longer prompt and chain (other sizes, other Triton tiling: 2 x 19 query rows per key head
     against 2 x 4) is captured without a warm-up round; the split kernels are launched eagerly first, and the output

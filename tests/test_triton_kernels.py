@@ -33,6 +33,59 @@ def test_triton_kernels_equal_their_references_in_the_interpreter():
     assert result.stdout.count("ok") == 3 * len(CASES) + 1 + 4, result.stdout
 
 
+@pytest.mark.parametrize("family, norms_per_layer", [("llama", 2), ("qwen3", 4)])  # Qwen3 adds query and key norms
+def test_triton_rms_norms_take_over_the_llama_formula_norms_and_give_them_back(monkeypatch, family, norms_per_layer):
+    """The plumbing of `triton_rms_norms`, with a counting torch stand-in for the kernel (CI has no Triton): it takes
+    over every Llama-formula norm but one already hooked, only without gradients, keeps the logits, and restores
+    each norm's own forward on exit."""
+    from test_modeling import build_target, random_ids
+
+    from glide_hf import norm_kernel
+
+    calls = []
+
+    def counting_kernel(hidden_states, weight, eps):
+        calls.append(hidden_states.shape[-1])
+        normalized = torch.nn.functional.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=eps)
+        return weight * normalized.to(hidden_states.dtype)
+
+    monkeypatch.setattr(norm_kernel, "triton", object())  # as if installed
+    monkeypatch.setattr(norm_kernel, "rms_norm_kernel_serves", lambda hidden_states: True)
+    monkeypatch.setattr(norm_kernel, "triton_rms_norm", counting_kernel)
+    target = build_target(family)
+    hooked = target.model.norm
+    hooked.forward = hooked_forward = lambda hidden_states: type(hooked).forward(hooked, hidden_states)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        expected = target(ids).logits
+    layers = target.config.num_hidden_layers
+    with norm_kernel.triton_rms_norms(target) as taken_over:
+        assert taken_over == norms_per_layer * layers  # the final norm is hooked
+        with torch.no_grad():
+            got = target(ids).logits
+        assert len(calls) == taken_over
+        target(ids)  # with gradients: the norms' own forward
+        assert len(calls) == taken_over
+    torch.testing.assert_close(got, expected)
+    assert hooked.forward is hooked_forward
+    assert not any("forward" in vars(module) for name, module in target.named_modules() if module is not hooked)
+    with torch.no_grad():
+        target(ids)
+    assert len(calls) == taken_over
+
+
+def test_triton_rms_norms_change_nothing_without_triton(monkeypatch):
+    from test_modeling import build_target
+
+    from glide_hf import norm_kernel
+
+    monkeypatch.setattr(norm_kernel, "triton", None)
+    target = build_target()
+    with norm_kernel.triton_rms_norms(target) as taken_over:
+        assert taken_over == 0
+        assert not any("forward" in vars(module) for module in target.modules())
+
+
 def _allow_array_loop_bounds() -> None:
     """Triton's interpreter (3.5, 3.6) turns one-element arrays into loop bounds with int(), which NumPy 2.4
     refuses; take the element instead."""

@@ -28,6 +28,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
 from .errors import GlideConfigError, TargetNotAttachedError, UnsupportedGenerationError
+from .norm_kernel import triton_rms_norms
 from .sampling import (
     apply_repetition_penalty,
     build_warpers,
@@ -246,7 +247,7 @@ def glide_generate(
     if use_cuda_graphs is None:
         use_cuda_graphs = input_ids.is_cuda and not per_node_histories
 
-    with torch.no_grad(), draft.fused_for_inference():
+    with torch.no_grad(), draft.fused_for_inference(), triton_rms_norms(target):
         history_processors = None
         if per_node_histories:
             target._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)

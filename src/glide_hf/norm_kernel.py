@@ -1,12 +1,17 @@
-"""A Triton RMSNorm for the draft step: Llama's RMSNorm (normalise in float32, cast to the input dtype, scale by the
-weight) in one launch per call instead of four or more (upcast, normalise, cast back, scale).
+"""A Triton RMSNorm: Llama's RMSNorm (normalise in float32, cast to the input dtype, scale by the weight) in one
+launch per call instead of five (upcast, square-mean, normalise, cast back, scale).
 
-At batch 1 a draft step is bound by how many small kernels it launches, and the draft layer runs four norms per
-step. Used only inside `GlidePreTrainedModel.fused_for_inference()` on CUDA with Triton installed (no autograd);
-the CPU tests run the kernel in Triton's interpreter when Triton is installed.
+At batch 1 a decoding step is bound by how many small kernels it launches: the draft layer runs four norms per step,
+a Llama-3-8B target 65 per forward. Used inside `GlidePreTrainedModel.fused_for_inference()` for the draft and
+`triton_rms_norms(target)` for the target, both of which the engine decodes inside, on CUDA with Triton installed
+and without autograd; the CPU tests run the kernel in Triton's interpreter when Triton is installed.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+from torch import nn
 
 try:  # optional: without it the norms run as torch ops
     import triton
@@ -14,9 +19,13 @@ try:  # optional: without it the norms run as torch ops
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-__all__ = ["rms_norm_kernel_serves", "triton_rms_norm"]
+__all__ = ["LLAMA_RMS_NORM_CLASSES", "rms_norm_kernel_serves", "triton_rms_norm", "triton_rms_norms"]
 
 _MAX_HIDDEN = 65536  # one program holds a whole row
+
+# Transformers' RMSNorms whose forward is exactly Llama's formula, which `triton_rms_norm` computes. Others (Gemma's
+# `1 + weight`, norms with a bias or a different cast) are left alone.
+LLAMA_RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 
 
 def rms_norm_kernel_serves(hidden_states: torch.Tensor) -> bool:
@@ -51,3 +60,38 @@ def triton_rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: floa
     num_warps = min(16, max(1, block // 512))
     _rms_norm[(rows.shape[0],)](rows, weight, output, rows.stride(0), hidden, eps, BLOCK=block, num_warps=num_warps)
     return output.reshape(hidden_states.shape)
+
+
+@contextlib.contextmanager
+def triton_rms_norms(model: nn.Module) -> Iterator[int]:
+    """Inside the block, each of `model`'s RMSNorms with Llama's formula (`LLAMA_RMS_NORM_CLASSES`) runs as one Triton
+    kernel where `rms_norm_kernel_serves` its input and gradients are disabled, and as itself otherwise. Yields how
+    many norms it took over. A norm whose `forward` is already replaced on the instance (an accelerate offloading
+    hook, another patch) is left alone; without Triton nothing changes. The engine runs the target inside this block:
+    at batch 1 the norms' small kernels are a visible part of a verify forward, and more so with more tree nodes."""
+    norms = [] if triton is None else [module for module in model.modules() if _takes_over(module)]
+    for norm in norms:
+        norm.forward = _triton_or_own_forward(norm, norm.forward)
+    try:
+        yield len(norms)
+    finally:
+        for norm in norms:
+            del norm.forward  # back to the class's forward
+
+
+def _takes_over(module: nn.Module) -> bool:
+    return (
+        type(module).__name__ in LLAMA_RMS_NORM_CLASSES
+        and "forward" not in vars(module)
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+    )
+
+
+def _triton_or_own_forward(norm: nn.Module, own_forward):
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and rms_norm_kernel_serves(hidden_states):
+            return triton_rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
+        return own_forward(hidden_states)
+
+    return forward
