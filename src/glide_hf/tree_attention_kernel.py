@@ -11,7 +11,7 @@ an H200 whatever the context: more than the attention itself. Here, three launch
    masked by the tree bias). The G query heads of a key head ride as G x N query rows, so each key tile is read
    once per group. Each program writes its rows' normalised output and base-2 log-sum-exp (fp32).
 2. `_merge_parts`: one program per (row and key head, query row) combines the C + 1 parts exactly
-   (`out = sum_p out_p * 2^(lse_p - lse)`) and writes the `[B, N, Hq, D]` output the attention interface returns.
+   (`out = sum_p out_p * 2^(lse_p - lse)`, parts without keys weigh 0) and writes the `[B, N, Hq, D]` output the attention interface returns.
 
 Used where Triton is installed and the slot cache is on CUDA in fp16, bf16 or fp32 (fp32 without TF32, so a fp32
 engine stays exactly the target; `tree_attention.split_attention_kernel`); the CPU tests run the same kernels in
@@ -143,13 +143,16 @@ if triton is not None:
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         # A prefix part reads slots [start, end) of its chunk; the tree part reads the N nodes through `node_slots`.
+        # Only the tiles that hold keys run: the cache has room for the tokens still to come (and rows of a batch
+        # differ in length), so a row's last chunks are often partly or wholly past its length.
         if TREE:
             start = 0
             end = num_nodes
         else:
             start = part * chunk_size
             end = tl.minimum(start + chunk_size, tl.load(prefix_lengths + batch_row))
-        for tile in range(0, num_tiles):
+        live_tiles = tl.minimum(num_tiles, tl.maximum(tl.cdiv(end - start, BLOCK_N), 0))
+        for tile in range(0, live_tiles):
             offsets = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             key_valid = offsets < end
             if TREE:
@@ -210,29 +213,31 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
+        # One row's parts are read as one [parts, head dim] tile: all loads in flight at once (a loop over the parts
+        # waited for each load in turn, which made the merge latency-bound).
         row_head = tl.program_id(0)
         row = tl.program_id(1)
         query_rows = groups * num_nodes
         parts = tl.arange(0, BLOCK_P)
-        lse = tl.load(
-            part_lse + (row_head * num_parts + parts) * query_rows + row, mask=parts < num_parts, other=-1e30
-        )
-        lse = tl.where(lse == float("-inf"), -1e30, lse)
-        top = tl.max(lse, 0)
-        total = tl.sum(tl.exp2(lse - top), 0)
+        part_valid = parts < num_parts
+        index = (row_head * num_parts + parts) * query_rows + row
+        lse = tl.load(part_lse + index, mask=part_valid, other=float("-inf"))
+        top = tl.max(tl.where(lse == float("-inf"), -1e30, lse), 0)
+        weights = tl.exp2(lse - top)  # 0 for parts without keys
         dims = tl.arange(0, BLOCK_D)
         dim_valid = dims < HEAD_DIM
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for part in range(0, num_parts):
-            index = (row_head * num_parts + part) * query_rows + row
-            weight = tl.exp2(tl.load(part_lse + index) - top) / total
-            acc += weight * tl.load(part_output + index * HEAD_DIM + dims, mask=dim_valid, other=0.0)
+        outputs = tl.load(
+            part_output + index[:, None] * HEAD_DIM + dims[None, :],
+            mask=part_valid[:, None] & dim_valid[None, :],
+            other=0.0,
+        )
+        total = tl.sum(weights, 0)
+        merged = tl.sum(weights[:, None] * outputs, 0) / tl.where(total > 0.0, total, 1.0)
         batch_row = row_head // num_kv_heads
         head = (row_head % num_kv_heads) * groups + row // num_nodes
         node = row % num_nodes
         target = output + batch_row * stride_ob + node * stride_on + head * stride_oh + dims
-        tl.store(target, acc.to(output.dtype.element_ty), mask=dim_valid)
-
+        tl.store(target, merged.to(output.dtype.element_ty), mask=dim_valid)
 
 def tree_attention_triton(
     query: torch.Tensor,
