@@ -11,7 +11,8 @@ an H200 whatever the context: more than the attention itself. Here, three launch
    masked by the tree bias). The G query heads of a key head ride as G x N query rows, so each key tile is read
    once per group. Each program writes its rows' normalised output and base-2 log-sum-exp (fp32).
 2. `_merge_parts`: one program per (row and key head, query row) combines the C + 1 parts exactly
-   (`out = sum_p out_p * 2^(lse_p - lse)`, parts without keys weigh 0) and writes the `[B, N, Hq, D]` output the attention interface returns.
+   (`out = sum_p out_p * 2^(lse_p - lse)`, parts without keys weigh 0) and writes the `[B, N, Hq, D]` output the
+   attention interface returns.
 
 Used where Triton is installed and the slot cache is on CUDA in fp16, bf16 or fp32 (fp32 without TF32, so a fp32
 engine stays exactly the target; `tree_attention.split_attention_kernel`); the CPU tests run the same kernels in
