@@ -240,6 +240,7 @@ if triton is not None:
         target = output + batch_row * stride_ob + node * stride_on + head * stride_oh + dims
         tl.store(target, merged.to(output.dtype.element_ty), mask=dim_valid)
 
+
 def tree_attention_triton(
     query: torch.Tensor,
     key: torch.Tensor,
