@@ -155,13 +155,12 @@ def step_times(target, draft, context: int) -> dict:
     config = GenerationConfig(do_sample=False, max_new_tokens=8)
     with torch.no_grad():
         call, rows, _ = _prefill(draft, target, chain(1), config, prompt, torch.ones_like(prompt), 80, [], None, None)
-        verified = torch.arange(call.target_cache.num_slots, device=DEVICE)[None] < rows.lengths[:, None]
         ring = call.draft_cache
         token = rows.roots[:, None]
         position = rows.lengths[:, None]
 
         def draft_step():  # the engine's draft step, mask building included
-            _draft_step(call, token, position, ring.ring_slots(position), None, None, verified)
+            _draft_step(call, token, position, ring.ring_slots(position), None, None, rows.lengths)
 
         results = {"draft_step_unfused_graph_ms": 1000 * graph_time(draft_step)}
         # The engine drafts with fused projections and Triton norms (`fused_for_inference`).

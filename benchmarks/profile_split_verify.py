@@ -65,11 +65,10 @@ def main() -> int:
                 args.out,
                 f"profile_verify_{args.context}_{nodes}.txt",
             )
-        verified = torch.arange(slots, device="cuda")[None] < rows.lengths[:, None]
         token, position = rows.roots[:, None], rows.lengths[:, None]
         ring_slots = call.draft_cache.ring_slots(position)
         profile_kernels(
-            lambda: _draft_step(call, token, position, ring_slots, None, None, verified),
+            lambda: _draft_step(call, token, position, ring_slots, None, None, rows.lengths),
             f"draft step (fused, full vocabulary) at {args.context} context",
             args.rows,
             args.out,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One device call after a change to the verify or draft step: the CUDA tests of the kernels and norms, a kernel
+# One device call after a change to the verify or draft step: the CUDA, engine and kernel tests, a kernel
 # profile of the split verify forward (1 and 64 nodes at 16k), and the quick engine benchmark (steps at 1k and 16k,
 # forced 3.5). Usage (device tool, carry [".whl"]): bash benchmarks/run_steps_gpu.sh
 set -uo pipefail
 source benchmarks/_gpu_env.sh
 print_gpus
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py -k "triton or norm or split" 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_engine.py tests/test_triton_kernels.py 2>&1 \
   | tee "$OUT/pytest_steps_gpu.log" | tail -4
 cd benchmarks
 python3 profile_split_verify.py --context 16384 --nodes 1 64 --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/profile.log"

@@ -728,13 +728,15 @@ def test_round_code_path_separates_dtypes_of_the_target_cache_and_of_the_draft()
     assert torch.float32 in float32 and torch.bfloat16 in draft_bfloat16
 
 
-def test_split_kernels_are_launched_with_the_shapes_of_the_coming_round(monkeypatch):
-    """Before a capture the engine launches the Triton split once with the round's sizes (CUDA only; here the launch
-    is checked for its shapes and run by the reference kernel)."""
+def test_triton_kernels_are_launched_with_the_shapes_of_the_coming_round(monkeypatch):
+    """Before a capture the engine launches its Triton kernels once with the round's sizes (CUDA only; here the
+    launches are checked for their shapes and run by reference code): the split verify attention where the call
+    splits with Triton, and the draft's cross-attention, inside `fused_for_inference`, once per width a draft step
+    feeds (2 at the root, then each tree level's)."""
     from transformers import GenerationConfig
 
     from glide_hf import engine
-    from glide_hf.tree import chain
+    from glide_hf.tree import static_tree
     from glide_hf.tree_attention import tree_attention_forward
 
     target = build_target()
@@ -742,22 +744,31 @@ def test_split_kernels_are_launched_with_the_shapes_of_the_coming_round(monkeypa
     prompt = random_ids(2, 7)
     config = GenerationConfig(do_sample=False, max_new_tokens=4)
     mask = torch.ones_like(prompt)
-    call, rows, _ = engine._prefill(draft, target, chain(3), config, prompt, mask, 8, [], None, None)
-    seen = []
+    policy = static_tree((3, 4, 6))  # the draft feeds 2 tokens at the root, then the 3 and 4 nodes of two levels
+    call, rows, _ = engine._prefill(draft, target, policy, config, prompt, mask, 8, [], None, None)
+    seen, widths = [], []
 
     def reference(module, query, key, value, mask, glide_tree):
         assert glide_tree.kernel == "triton" and glide_tree.num_slots == call.target_cache.num_slots
-        assert query.shape == (2, target.config.num_attention_heads, 4, key.shape[-1]) and key.shape[0] == 2
+        assert query.shape == (2, target.config.num_attention_heads, policy.num_nodes, key.shape[-1])
         glide_tree.kernel = "torch"
         seen.append(tree_attention_forward(module, query, key, value, mask, glide_tree=glide_tree)[0])
         return seen[-1], None
 
+    def cross_attention(query, keys, values, lengths, scale):
+        assert keys.shape == call.target_cache.layers[0].keys.shape and torch.equal(lengths, rows.lengths)
+        widths.append(query.shape[2])
+
     monkeypatch.setattr(engine, "tree_attention_forward", reference)
-    engine._compile_split_kernels(call, rows)
-    assert not seen  # the call does not verify split
+    monkeypatch.setattr(engine, "prefix_attention", cross_attention)
+    monkeypatch.setattr(engine, "prefix_attention_serves", lambda keys: True)
+    engine._compile_triton_kernels(call, rows)
+    assert not seen and not widths  # the call does not verify split; the draft is not in `fused_for_inference`
     call.split_verify, call.split_kernel = True, "triton"
-    engine._compile_split_kernels(call, rows)
-    assert len(seen) == 1 and seen[0].shape == (2, 4, target.config.num_attention_heads, seen[0].shape[-1])
+    with draft.fused_for_inference():
+        engine._compile_triton_kernels(call, rows)
+    assert len(seen) == 1 and seen[0].shape == (2, policy.num_nodes, target.config.num_attention_heads, 16)
+    assert widths == [2, 3, 4]
 
 
 def test_a_split_kernel_that_does_not_serve_the_target_is_refused():

@@ -224,6 +224,32 @@ def test_the_engine_runs_the_targets_norms_in_triton_and_keeps_its_output_on_cud
     assert torch.equal(out, target.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None))
 
 
+def test_fused_drafting_reads_the_target_cache_through_the_triton_prefix_kernel_on_cuda(monkeypatch):
+    """Inside `fused_for_inference`, drafting with `target_lengths` (as the engine drafts) runs the cross-attention
+    through the Triton prefix kernel, with the logits of the masked sdpa path (bf16 rounding aside)."""
+    from transformers import DynamicCache
+
+    from glide_hf import modeling_glide
+
+    calls = []
+    original = modeling_glide.prefix_attention
+    monkeypatch.setattr(modeling_glide, "prefix_attention", lambda *args: calls.append(1) or original(*args))
+    target = build_target().to("cuda", torch.bfloat16)
+    draft = build_draft(target).to("cuda", torch.bfloat16)
+    ids = random_ids(2, 300).cuda()
+    lengths = torch.tensor([180, 300], device="cuda")
+    target_cache = DynamicCache(config=target.config)
+    with torch.no_grad():
+        target(ids, cache=target_cache, use_cache=True)
+        fed = ids[:, -2:]
+        expected = draft(fed, target_cache=target_cache, target_lengths=lengths).logits
+        assert not calls
+        with draft.fused_for_inference():
+            got = draft(fed, target_cache=target_cache, target_lengths=lengths).logits
+    assert len(calls) == 1
+    torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
+
+
 def test_a_round_captured_without_warm_up_gets_its_triton_kernels_compiled_first_on_cuda(monkeypatch):
     """A later call with a longer prompt and chain (other sizes, other Triton tiling: 2 x 19 query rows per key head
     against 2 x 4) is captured without a warm-up round; the split kernels are launched eagerly first, and the output
@@ -231,8 +257,8 @@ def test_a_round_captured_without_warm_up_gets_its_triton_kernels_compiled_first
     from glide_hf import engine
 
     launches = []
-    original = engine._compile_split_kernels
-    monkeypatch.setattr(engine, "_compile_split_kernels", lambda *args: launches.append(1) or original(*args))
+    original = engine._compile_triton_kernels
+    monkeypatch.setattr(engine, "_compile_triton_kernels", lambda *args: launches.append(1) or original(*args))
     target = build_target().cuda()
     draft = build_draft(target).cuda()
     settings = dict(do_sample=False, eos_token_id=None, split_kernel="triton", split_verify_min_slots=0)

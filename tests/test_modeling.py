@@ -328,6 +328,33 @@ def test_batched_drafting_cross_attention_equals_eager_with_several_queries():
     torch.testing.assert_close(again[1], outputs["sdpa"][1][1], atol=0, rtol=0)
 
 
+def test_drafting_with_target_lengths_equals_drafting_with_the_prefix_mask():
+    """`target_lengths` (what the engine passes) means the same as a `target_attention_mask` of each row's first
+    `length` slots, inside `fused_for_inference` too (on the CPU the mask path computes it); giving both is refused."""
+    target = build_target()
+    draft = build_draft(target)
+    ids = random_ids(2, 14)
+    target_cache = DynamicCache(config=target.config)
+    lengths = torch.tensor([9, 14])
+    prefix = (torch.arange(14)[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        target(ids, cache=target_cache, use_cache=True)
+        fed = ids[:, -3:]
+        with_mask = draft(fed, target_cache=target_cache, target_attention_mask=prefix).logits
+        with_lengths = draft(fed, target_cache=target_cache, target_lengths=lengths).logits
+        with draft.fused_for_inference():
+            fused = draft(fed, target_cache=target_cache, target_lengths=lengths).logits
+        everything = draft(fed, target_cache=target_cache).logits
+    torch.testing.assert_close(with_lengths, with_mask, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused, with_mask, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(with_lengths[0], everything[0], atol=1e-3)  # row 0 sees 9 of 14 slots
+    torch.testing.assert_close(with_lengths[1], everything[1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="target_lengths"):
+        draft(fed, target_cache=target_cache, target_attention_mask=prefix, target_lengths=lengths)
+    with pytest.raises(ValueError, match="target_lengths"):
+        draft(fed, target_lengths=lengths)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fused_for_inference_keeps_the_draft_output_and_drops_the_copies_on_exit(family):
     """Inside `fused_for_inference` the self-attention's q/k/v and the MLP's gate/up run as one GEMM each, with the

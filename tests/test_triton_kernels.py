@@ -29,8 +29,9 @@ def test_triton_kernels_equal_their_references_in_the_interpreter():
         [sys.executable, __file__], env=environment, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    # every attention case in fp16 and fp32, with other tilings, the control, and the norm in 4 dtype pairs
-    assert result.stdout.count("ok") == 3 * len(CASES) + 1 + 4, result.stdout
+    # every attention case in fp16 and fp32, with other tilings, the control, the prefix-only attention in fp16 and
+    # fp32, and the norm in 4 dtype pairs
+    assert result.stdout.count("ok") == 3 * len(CASES) + 1 + 2 + 4, result.stdout
 
 
 @pytest.mark.parametrize("family, norms_per_layer", [("llama", 2), ("qwen3", 4)])  # Qwen3 adds query and key norms
@@ -146,6 +147,30 @@ def check_the_tree_bias_is_read() -> None:
     assert not torch.allclose(outputs[0][:, 1:], outputs[2][:, 1:], atol=1e-3)  # node 0 sees only itself in both
 
 
+def check_prefix_attention(dtype) -> None:
+    """The prefix-only launch (the draft's cross-attention) equals masked attention over each row's first `length`
+    keys, at query counts of 1 and 3 (few-row tiling, part-tile merge) and 40 (many rows, part-by-part merge); a row
+    without keys gets zeros."""
+    from glide_hf.tree_attention import prefix_attention
+
+    torch.manual_seed(3)
+    batch, heads, kv_heads, slots, dim = 3, 4, 2, 600, 32  # 600 slots: three chunks of at least 256
+    keys = torch.randn(batch, slots, kv_heads, dim).to(dtype).transpose(1, 2)
+    values = torch.randn(batch, slots, kv_heads, dim).to(dtype).transpose(1, 2)
+    lengths = torch.tensor([0, 17, 600])
+    for num_queries in (1, 3, 40):
+        query = torch.randn(batch, num_queries, heads, dim).to(dtype).transpose(1, 2)
+        got = prefix_attention(query, keys, values, lengths, dim**-0.5)
+        assert got.dtype == dtype and got.shape == (batch, num_queries, heads, dim)
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+        visible = (torch.arange(slots)[None] < lengths[1:, None])[:, None, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query[1:].float(), keys[1:].float(), values[1:].float(), attn_mask=visible, enable_gqa=True
+        ).transpose(1, 2)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(got[1:].float(), expected, atol=tolerance, rtol=tolerance)
+
+
 def check_rms_norm(dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
     """The Triton RMSNorm equals the draft's `GlideRMSNorm` (Llama's), dtype of the result included."""
     from glide_hf.modeling_glide import GlideRMSNorm
@@ -176,6 +201,9 @@ if __name__ == "__main__":
         print("ok", config, case, flush=True)
     check_the_tree_bias_is_read()
     print("ok: the tree bias is read")
+    for dtype in (torch.float16, torch.float32):
+        check_prefix_attention(dtype)
+        print("ok: prefix attention", dtype, flush=True)
     for dtypes in ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32)):
         check_rms_norm(*dtypes)
         print("ok: rms norm", dtypes, flush=True)

@@ -45,6 +45,8 @@ from .tree_attention import (
     SPLIT_KERNELS,
     TREE_ATTENTION,
     TreeAttentionInputs,
+    prefix_attention,
+    prefix_attention_serves,
     split_attention_kernel,
     split_kernel_serves,
     tree_attention_forward,
@@ -606,7 +608,7 @@ class _RoundRunner:
             self.warm.add(shape)
             self.warm_code_paths.add(code_path)
             return result
-        _compile_split_kernels(self.call, self.rows)
+        _compile_triton_kernels(self.call, self.rows)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             result = _round(self.call, self.rows, self.output)
@@ -615,25 +617,38 @@ class _RoundRunner:
         return result
 
 
-def _compile_split_kernels(call: _Call, rows: _Rows) -> None:
-    """Launch the Triton split attention once, eagerly, with the sizes of the round about to be captured.
+def _compile_triton_kernels(call: _Call, rows: _Rows) -> None:
+    """Launch the round's Triton attention kernels once, eagerly, with the sizes of the round about to be captured:
+    the target's split verify attention, and the draft's cross-attention for each number of tokens a draft step of
+    the round feeds (2 at the root, then each level's width).
 
     Triton compiles a kernel for each new specialization of its arguments (its tiling, sizes equal to 1 or divisible
     by 16), and loading a compiled kernel is not allowed while a stream is being captured on every driver. A round
     captured without a warm-up (a later call, another prompt length or tree size) may need a new one: this makes
-    sure it exists. Only reads the target cache; the output is thrown away.
+    sure it exists. Only reads the caches; the outputs are thrown away. (The Triton RMSNorms see the same sizes in
+    every forward, the prefill's included.)
     """
-    if not (call.split_verify and call.split_kernel == "triton"):
-        return
-    layer = call.target_cache.layers[0]
-    batch, num_nodes = rows.lengths.shape[0], call.policy.num_nodes
-    num_heads, head_dim = call.target.config.num_attention_heads, layer.keys.shape[-1]
-    # The layout Transformers' attention hands over: [B, N, Hq, D] transposed to [B, Hq, N, D].
-    query = layer.keys.new_zeros(batch, num_nodes, num_heads, head_dim).transpose(1, 2)
-    node_slots = rows.lengths[:, None] + torch.arange(num_nodes, device=rows.lengths.device)[None]
-    itself = torch.eye(num_nodes, dtype=torch.bool, device=rows.lengths.device)[None].expand(batch, -1, -1)
-    inputs = TreeAttentionInputs.build(rows.lengths, node_slots, itself, call.target_cache.num_slots, "triton")
-    tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
+    batch, device = rows.lengths.shape[0], rows.lengths.device
+    if call.split_verify and call.split_kernel == "triton":
+        layer = call.target_cache.layers[0]
+        num_nodes = call.policy.num_nodes
+        num_heads, head_dim = call.target.config.num_attention_heads, layer.keys.shape[-1]
+        # The layout Transformers' attention hands over: [B, N, Hq, D] transposed to [B, Hq, N, D].
+        query = layer.keys.new_zeros(batch, num_nodes, num_heads, head_dim).transpose(1, 2)
+        node_slots = rows.lengths[:, None] + torch.arange(num_nodes, device=device)[None]
+        itself = torch.eye(num_nodes, dtype=torch.bool, device=device)[None].expand(batch, -1, -1)
+        inputs = TreeAttentionInputs.build(rows.lengths, node_slots, itself, call.target_cache.num_slots, "triton")
+        tree_attention_forward(None, query, layer.keys, layer.values, None, glide_tree=inputs)
+    draft_layer = call.draft.get_glide_model().layer
+    cross = draft_layer.cross_attn
+    target_layer = call.target_cache.layers[call.draft.config.target_kv_layer_index]
+    draft_dtype = draft_layer.input_layernorm.weight.dtype
+    keys, values = target_layer.keys.to(draft_dtype), target_layer.values.to(draft_dtype)
+    if cross.use_triton_kernel and prefix_attention_serves(keys):
+        num_heads = call.draft.config.num_attention_heads
+        for width in sorted({2, *call.policy.expand[: call.policy.depth - 1]}):
+            query = keys.new_zeros(batch, width, num_heads, keys.shape[-1]).transpose(1, 2)
+            prefix_attention(query, keys, values, rows.lengths, cross.scaling)
 
 
 def _round_code_path(call: _Call) -> tuple:
@@ -659,8 +674,6 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
     target, policy = call.target, call.policy
     batch, device = rows.lengths.shape[0], rows.lengths.device
     ring = call.draft_cache
-    target_slots = call.target_cache.num_slots
-    verified = torch.arange(target_slots, device=device)[None] < rows.lengths[:, None]  # [B, S] target keys seen
 
     # 1. Draft: the root step, then one forward per tree level.
     ring.clear_tree(rows.lengths)
@@ -673,7 +686,7 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
         ring.ring_slots(positions),
         None,
         tree,
-        verified,
+        rows.lengths,
     )[:, -1:]
     fed = torch.zeros(batch, 1, dtype=torch.long, device=device)  # tree nodes whose draft logits we hold
     # A sampled chain draws its tokens from the draft (standard speculative sampling); trees, CAPE and greedy
@@ -706,7 +719,7 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
         width = policy.expand[level - 1]
         fed = torch.arange(start, start + width, device=device)[None].expand(batch, -1)
         level_positions = (rows.lengths[:, None] + level).expand(-1, width)
-        logits = _draft_step(call, tokens[:, :width], level_positions, ring.tree_slot(fed), fed, tree, verified)
+        logits = _draft_step(call, tokens[:, :width], level_positions, ring.tree_slot(fed), fed, tree, rows.lengths)
 
     # 2. Verify every node in one target forward.
     node_slots = rows.lengths[:, None] + torch.arange(policy.num_nodes, device=device)[None]
@@ -815,8 +828,9 @@ def _process_with_histories(call: _Call, rows: _Rows, output: torch.Tensor, tree
     return processed
 
 
-def _draft_step(call, tokens, positions, slots, query_nodes, tree, verified) -> torch.Tensor:
-    """Feed `tokens` `[B, Q]` through the draft at `positions`, storing their keys at `slots`; return logits."""
+def _draft_step(call, tokens, positions, slots, query_nodes, tree, target_lengths) -> torch.Tensor:
+    """Feed `tokens` `[B, Q]` through the draft at `positions`, storing their keys at `slots`; return logits. Row b
+    of the draft sees the first `target_lengths[b]` slots of the target cache (its verified prefix)."""
     ring = call.draft_cache
     ring.set_write_slots(slots)
     ring.record_positions(slots, positions)
@@ -846,7 +860,7 @@ def _draft_step(call, tokens, positions, slots, query_nodes, tree, verified) -> 
         cache=ring,
         use_cache=True,
         target_cache=call.target_cache,
-        target_attention_mask=verified,
+        target_lengths=target_lengths,
     ).last_hidden_state
     weight = call.draft_head_weight
     hidden = hidden.to(device=weight.device, dtype=weight.dtype)

@@ -55,6 +55,7 @@ from .errors import (
 from .loss import causal_lm_loss, resolve_loss_implementation
 from .model_card import write_model_card
 from .norm_kernel import rms_norm_kernel_serves, triton_rms_norm
+from .tree_attention import prefix_attention, prefix_attention_serves
 
 logger = logging.get_logger(__name__)
 
@@ -286,6 +287,7 @@ class GlideCrossAttention(nn.Module):
             config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
         )
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        self.use_triton_kernel = False  # set by `GlidePreTrainedModel.fused_for_inference`
 
     def forward(
         self,
@@ -295,6 +297,7 @@ class GlideCrossAttention(nn.Module):
         target_values: torch.Tensor,
         lag: int | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        key_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -303,6 +306,9 @@ class GlideCrossAttention(nn.Module):
                 queries are the same tokens and the query at token t sees keys of tokens <= t - lag (training).
             key_padding_mask (`torch.Tensor` of shape `[B, K]`, *optional*): 1 for keys that may be seen, 0 for
                 padding or for cache slots beyond a row's verified prefix.
+            key_lengths (`torch.Tensor` of shape `[B]`, *optional*): instead of `key_padding_mask` when drafting,
+                row b sees keys `0 .. key_lengths[b] - 1`. Inside `fused_for_inference()` on CUDA with Triton, a
+                split-KV kernel then reads only those keys.
         """
         input_shape = hidden_states.shape[:-1]
         query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
@@ -311,6 +317,12 @@ class GlideCrossAttention(nn.Module):
         keys = target_keys.to(device=query_states.device, dtype=query_states.dtype)
         values = target_values.to(device=query_states.device, dtype=query_states.dtype)
         implementation = self.config._attn_implementation
+        if key_lengths is not None:
+            if self.use_triton_kernel and not torch.is_grad_enabled() and prefix_attention_serves(keys):
+                attn_output = prefix_attention(query_states, keys, values, key_lengths, self.scaling)
+                return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+            slots = torch.arange(keys.shape[2], device=key_lengths.device)
+            key_padding_mask = slots[None] < key_lengths[:, None]
         if lag is None and key_padding_mask is None:
             attn_output = self._attend(implementation, query_states, keys, values, mask=None, is_causal=False)
         elif lag is None:
@@ -420,6 +432,7 @@ class GlideDecoderLayer(GradientCheckpointingLayer):
         lag: int | None = None,
         key_padding_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        key_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache)
@@ -433,6 +446,7 @@ class GlideDecoderLayer(GradientCheckpointingLayer):
                 target_values,
                 lag=lag,
                 key_padding_mask=key_padding_mask,
+                key_lengths=key_lengths,
             )
             hidden_states = residual + hidden_states
         residual = hidden_states
@@ -581,24 +595,26 @@ class GlidePreTrainedModel(PreTrainedModel):
           the MLP gate and up with one. The concatenated weights are copies (about a third of the draft layer), made
           on entry and dropped on exit, so weights trained or loaded in between are never stale; projections that
           are not plain `nn.Linear` (LoRA, quantized) stay separate;
-        - on CUDA with Triton installed, each RMSNorm is one Triton kernel (`norm_kernel.py`).
-        Inference only: where gradients are enabled the draft takes its ordinary path (the copies and the Triton norm
-        would not pass gradients to the draft's weights)."""
+        - on CUDA with Triton installed, each RMSNorm is one Triton kernel (`norm_kernel.py`), and the
+          cross-attention given `target_lengths` reads each row's prefix of the target cache in parallel chunks
+          (`tree_attention.prefix_attention`) instead of sdpa over a mask of the whole cache.
+        Inference only: where gradients are enabled the draft takes its ordinary path (the copies and the Triton
+        kernels would not pass gradients to the draft's weights)."""
         fused = [
             module
             for module in self.modules()
             if isinstance(module, (GlideAttention, GlideMLP)) and module.fuse_projections()
         ]
-        norms = [module for module in self.modules() if isinstance(module, GlideRMSNorm)]
-        for norm in norms:
-            norm.use_triton_kernel = True
+        kernel_users = [module for module in self.modules() if isinstance(module, (GlideRMSNorm, GlideCrossAttention))]
+        for module in kernel_users:
+            module.use_triton_kernel = True
         try:
             yield
         finally:
             for module in fused:
                 module.unfuse_projections()
-            for norm in norms:
-                norm.use_triton_kernel = False
+            for module in kernel_users:
+                module.use_triton_kernel = False
 
     def get_input_embeddings(self) -> nn.Module | None:
         return self.target.get_input_embeddings() if self.target is not None else None
@@ -876,6 +892,7 @@ class GlideModel(GlidePreTrainedModel):
         draft_lag: int | None = None,
         target_attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        target_lengths: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -896,6 +913,10 @@ class GlideModel(GlidePreTrainedModel):
             position_embeddings (`tuple(torch.Tensor, torch.Tensor)` of shape `[batch, seq, head_dim]`, *optional*):
                 the target's rotary (cos, sin) at `position_ids`, when the caller already holds them (the GLIDE
                 engine gathers them from a table made once per call). Computed from `position_ids` when absent.
+            target_lengths (`torch.Tensor` of shape `[batch]`, *optional*): with `target_cache`, instead of
+                `target_attention_mask`: row b sees the first `target_lengths[b]` slots of the target cache (the
+                engine's verified prefixes). Inside `fused_for_inference()` on CUDA with Triton installed, the
+                cross-attention then reads only those slots, in parallel chunks.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -910,6 +931,11 @@ class GlideModel(GlidePreTrainedModel):
         if position_ids is None:
             position_ids = _default_position_ids(attention_mask, past_length, seq_len, inputs_embeds.device)
 
+        if target_lengths is not None and (target_cache is None or target_attention_mask is not None):
+            raise ValueError(
+                "`target_lengths` describes which slots of `target_cache` each row sees: pass it with `target_cache` "
+                "and without `target_attention_mask`."
+            )
         key_padding_mask, lag = None, None
         if target_cache is not None:
             target_kv = read_target_kv(target_cache, self.config.target_kv_layer_index)
@@ -952,6 +978,7 @@ class GlideModel(GlidePreTrainedModel):
             lag,
             key_padding_mask,
             cache=cache,
+            key_lengths=target_lengths,
         )
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
@@ -1053,6 +1080,7 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
         draft_lag: int | None = None,
         target_attention_mask: torch.Tensor | None = None,
         return_logits: bool | None = None,
+        target_lengths: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -1074,6 +1102,7 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             target_cache=target_cache,
             draft_lag=draft_lag,
             target_attention_mask=target_attention_mask,
+            target_lengths=target_lengths,
         )
         hidden_states = outputs.last_hidden_state
         lm_head = self.get_output_embeddings()

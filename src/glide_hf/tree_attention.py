@@ -34,7 +34,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .errors import GlideConfigError
-from .tree_attention_kernel import KernelConfig, default_kernel_config, tree_attention_triton, triton_kernel_serves
+from .tree_attention_kernel import (
+    KernelConfig,
+    default_kernel_config,
+    prefix_attention_triton,
+    tree_attention_triton,
+    triton_kernel_serves,
+)
 
 __all__ = [
     "SPLIT_KERNELS",
@@ -42,6 +48,8 @@ __all__ = [
     "PrefixChunks",
     "TreeAttentionInputs",
     "fused_prefix_kernel_available",
+    "prefix_attention",
+    "prefix_attention_serves",
     "prefix_chunk_slots",
     "split_attention_kernel",
     "split_kernel_serves",
@@ -157,6 +165,26 @@ def prefix_chunk_slots(
     blocks_per_chunk = batch * num_kv_heads * -(-query_rows // query_block)
     num_chunks = -(-PREFIX_BLOCKS_PER_MULTIPROCESSOR * multiprocessors // blocks_per_chunk)
     return max(PREFIX_MIN_CHUNK_SLOTS, -(-num_slots // num_chunks))
+
+
+def prefix_attention_serves(keys: torch.Tensor) -> bool:
+    """Whether `prefix_attention` serves these cached keys `[B, Hkv, S, D]` (CUDA, Triton, fp16/bf16/fp32)."""
+    return triton_kernel_serves(keys.device, keys.dtype, keys.shape[-1])
+
+
+def prefix_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`query` `[B, Hq, Q, D]` attending to the first `lengths[b]` slots of `keys`/`values` `[B, Hkv, S, D]`, every
+    query of a row to the same keys (the draft's cross-attention onto the verified target cache), as split-KV chunks
+    sized for the GPU: the Triton prefix kernel without a tree part. Returns `[B, Q, Hq, D]`, zeros for a row
+    without keys. Where `prefix_attention_serves(keys)`."""
+    batch, num_heads, num_queries = query.shape[:3]
+    num_kv_heads, num_slots = keys.shape[1], keys.shape[2]
+    rows = num_heads // num_kv_heads * num_queries
+    config = default_kernel_config(rows, query.dtype)
+    chunk = prefix_chunk_slots(num_slots, batch, num_kv_heads, rows, keys.device, config.block_m)
+    return prefix_attention_triton(query, keys, values, lengths.to(torch.int32), min(chunk, num_slots), scale, config)
 
 
 def fused_prefix_kernel_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:

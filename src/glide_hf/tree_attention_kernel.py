@@ -12,7 +12,8 @@ an H200 whatever the context: more than the attention itself. Here, three launch
    once per group. Each program writes its rows' normalised output and base-2 log-sum-exp (fp32).
 2. `_merge_parts`: one program per (row and key head, query row) combines the C + 1 parts exactly
    (`out = sum_p out_p * 2^(lse_p - lse)`, parts without keys weigh 0) and writes the `[B, N, Hq, D]` output the
-   attention interface returns.
+   attention interface returns. With few query rows (a token, a short chain: many parts, few programs) it reads a
+   row's parts as one tile, otherwise part by part.
 
 Used where Triton is installed and the slot cache is on CUDA in fp16, bf16 or fp32 (fp32 without TF32, so a fp32
 engine stays exactly the target; `tree_attention.split_attention_kernel`); the CPU tests run the same kernels in
@@ -33,6 +34,7 @@ __all__ = [
     "TRITON_DTYPES",
     "KernelConfig",
     "default_kernel_config",
+    "prefix_attention_triton",
     "tree_attention_triton",
     "triton_kernel_serves",
 ]
@@ -109,6 +111,7 @@ if triton is not None:
         groups,
         num_kv_heads,
         num_prefix_parts,
+        num_parts,
         chunk_size,
         num_tiles,
         scale_log2,
@@ -189,7 +192,6 @@ if triton is not None:
         has_keys = row_sum > 0.0
         output = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
         lse = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
-        num_parts = num_prefix_parts + 1
         base = (row_head * num_parts + part) * query_rows + rows
         tl.store(part_lse + base, lse, mask=row_valid)
         tl.store(
@@ -213,27 +215,36 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_P: tl.constexpr,
+        PARTS_AS_TILE: tl.constexpr,
     ):
-        # One row's parts are read as one [parts, head dim] tile: all loads in flight at once (a loop over the parts
-        # waited for each load in turn, which made the merge latency-bound).
         row_head = tl.program_id(0)
         row = tl.program_id(1)
         query_rows = groups * num_nodes
         parts = tl.arange(0, BLOCK_P)
         part_valid = parts < num_parts
-        index = (row_head * num_parts + parts) * query_rows + row
-        lse = tl.load(part_lse + index, mask=part_valid, other=float("-inf"))
-        top = tl.max(tl.where(lse == float("-inf"), -1e30, lse), 0)
-        weights = tl.exp2(lse - top)  # 0 for parts without keys
+        lse = tl.load(part_lse + (row_head * num_parts + parts) * query_rows + row, mask=part_valid, other=-1e30)
+        lse = tl.where(lse == float("-inf"), -1e30, lse)  # parts without keys
+        top = tl.max(lse, 0)
+        total = tl.sum(tl.exp2(lse - top), 0)
         dims = tl.arange(0, BLOCK_D)
         dim_valid = dims < HEAD_DIM
-        outputs = tl.load(
-            part_output + index[:, None] * HEAD_DIM + dims[None, :],
-            mask=part_valid[:, None] & dim_valid[None, :],
-            other=0.0,
-        )
-        total = tl.sum(weights, 0)
-        merged = tl.sum(weights[:, None] * outputs, 0) / tl.where(total > 0.0, total, 1.0)
+        if PARTS_AS_TILE:
+            # Few query rows, many parts: read the row's parts as one [parts, head dim] tile, all loads in flight
+            # at once (a loop waits for each load in turn, and too few programs run to hide that).
+            index = (row_head * num_parts + parts) * query_rows + row
+            outputs = tl.load(
+                part_output + index[:, None] * HEAD_DIM + dims[None, :],
+                mask=part_valid[:, None] & dim_valid[None, :],
+                other=0.0,
+            )
+            merged = tl.sum(tl.exp2(lse - top)[:, None] * outputs, 0) / total
+        else:
+            # Many query rows, few parts: enough programs run to hide each load's latency.
+            merged = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for part in range(0, num_parts):
+                index = (row_head * num_parts + part) * query_rows + row
+                weight = tl.exp2(tl.maximum(tl.load(part_lse + index), -1e30) - top) / total
+                merged += weight * tl.load(part_output + index * HEAD_DIM + dims, mask=dim_valid, other=0.0)
         batch_row = row_head // num_kv_heads
         head = (row_head % num_kv_heads) * groups + row // num_nodes
         node = row % num_nodes
@@ -259,19 +270,43 @@ def tree_attention_triton(
 
     The last dimension of every tensor must be contiguous (the slot cache's views are).
     """
+    batch, num_nodes = query.shape[0], query.shape[2]
+    bias = tree_bias.reshape(batch, num_nodes, num_nodes)
+    return _split_attention(query, key, value, prefix_lengths, (node_slots, bias), chunk_size, scale, config)
+
+
+def prefix_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    chunk_size: int,
+    scale: float,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """`query` `[B, Hq, Q, D]` over the first `prefix_lengths[b]` slots of `key`/`value` `[B, Hkv, S, D]` only
+    (every query of a row sees the same keys: the draft's cross-attention onto the verified target cache), in
+    `chunk_size`-slot parts. Returns `[B, Q, Hq, D]` in the query's dtype; zeros for a row without keys."""
+    return _split_attention(query, key, value, prefix_lengths, None, chunk_size, scale, config)
+
+
+def _split_attention(query, key, value, prefix_lengths, tree, chunk_size: int, scale: float, config) -> torch.Tensor:
+    """The prefix parts, the tree part where `tree` = (node slots `[B, N]`, bias `[B, N, N]`) is given, and the
+    merge."""
     batch, num_heads, num_nodes, head_dim = query.shape
     num_kv_heads, num_slots = key.shape[1], key.shape[2]
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
-        raise ValueError("tree_attention_triton needs query, key and value contiguous in their last dimension.")
+        raise ValueError("The Triton split attention needs query, key and value contiguous in their last dimension.")
     groups = num_heads // num_kv_heads
     query_rows = groups * num_nodes
     num_prefix_parts = -(-num_slots // chunk_size)
-    num_parts = num_prefix_parts + 1
+    num_parts = num_prefix_parts + (tree is not None)
     part_output = torch.empty(batch * num_kv_heads * num_parts * query_rows, head_dim, device=query.device)
     part_lse = torch.empty(batch * num_kv_heads * num_parts * query_rows, device=query.device)
     config = config or default_kernel_config(query_rows, query.dtype)
     block_d = triton.next_power_of_2(head_dim)
-    bias = tree_bias.reshape(batch, num_nodes, num_nodes)
+    # Without a tree the kernel never reads the node slots and bias: any int tensor stands in.
+    node_slots, bias = tree if tree is not None else (prefix_lengths[:, None], prefix_lengths[:, None, None])
     arguments = (
         query,
         key,
@@ -299,6 +334,7 @@ def tree_attention_triton(
         groups,
         num_kv_heads,
         num_prefix_parts,
+        num_parts,
         chunk_size,
     )
     row_blocks = triton.cdiv(query_rows, config.block_m)
@@ -314,11 +350,15 @@ def tree_attention_triton(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    prefix_tiles, tree_tiles = triton.cdiv(chunk_size, config.block_n), triton.cdiv(num_nodes, config.block_n)
+    prefix_tiles = triton.cdiv(chunk_size, config.block_n)
     _partial_attention[(row_blocks, num_prefix_parts, batch * num_kv_heads)](
         *arguments, prefix_tiles, scale_log2, TREE=False, **blocks
     )
-    _partial_attention[(row_blocks, 1, batch * num_kv_heads)](*arguments, tree_tiles, scale_log2, TREE=True, **blocks)
+    if tree is not None:
+        tree_tiles = triton.cdiv(num_nodes, config.block_n)
+        _partial_attention[(row_blocks, 1, batch * num_kv_heads)](
+            *arguments, tree_tiles, scale_log2, TREE=True, **blocks
+        )
     output = torch.empty(batch, num_nodes, num_heads, head_dim, device=query.device, dtype=query.dtype)
     _merge_parts[(batch * num_kv_heads, query_rows)](
         part_output,
@@ -334,5 +374,6 @@ def tree_attention_triton(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_P=triton.next_power_of_2(num_parts),
+        PARTS_AS_TILE=query_rows <= _FEW_ROWS,  # measured on an H200 (docs/benchmarks.md, run 11)
     )
     return output
