@@ -481,6 +481,10 @@ def test_prefix_chunks_fill_the_gpu_without_chunks_shorter_than_the_minimum():
     assert PREFIX_MIN_CHUNK_SLOTS <= one_token < tree < 16384
     assert prefix_chunk_slots(1024, 1, 8, 256, cpu) >= PREFIX_MIN_CHUNK_SLOTS
     assert prefix_chunk_slots(16384, 64, 8, 256, cpu) == 16384  # a batch of 64 fills the GPU with one chunk
+    # The Triton kernel's chunks are whole key tiles: 16472 slots (16k and room for new tokens) for 64 tree nodes.
+    unaligned = prefix_chunk_slots(16472, 1, 8, 256, cpu, query_block=64)
+    aligned = prefix_chunk_slots(16472, 1, 8, 256, cpu, query_block=64, slot_multiple=64)
+    assert unaligned % 64 and aligned % 64 == 0 and unaligned < aligned < unaligned + 64
 
 
 def test_fractional_forced_acceptance_alternates_to_the_requested_average():

@@ -123,12 +123,13 @@ class TreeAttentionInputs:
         lengths = prefix_lengths.to(torch.int32)
         return cls(lengths, node_slots, tree_bias[:, None, None], kernel, num_slots, chunk_size, triton_config)
 
-    def chunk_slots_for(self, num_kv_heads: int, query_rows: int, query_block: int) -> int:
-        """Slots per split-KV chunk for `query_rows` query rows per key head, `query_block` rows per kernel block."""
+    def chunk_slots_for(self, num_kv_heads: int, query_rows: int, query_block: int, slot_multiple: int = 1) -> int:
+        """Slots per split-KV chunk for `query_rows` query rows per key head, `query_block` rows per kernel block,
+        a multiple of `slot_multiple` slots."""
         if self.chunk_size is not None:
             return min(self.chunk_size, self.num_slots)
         batch, device = self.prefix_lengths.shape[0], self.prefix_lengths.device
-        chunk = prefix_chunk_slots(self.num_slots, batch, num_kv_heads, query_rows, device, query_block)
+        chunk = prefix_chunk_slots(self.num_slots, batch, num_kv_heads, query_rows, device, query_block, slot_multiple)
         return min(chunk, self.num_slots)
 
     def chunks_for(self, num_kv_heads: int, query_rows: int) -> PrefixChunks:
@@ -153,10 +154,12 @@ def prefix_chunk_slots(
     query_rows: int,
     device: torch.device,
     query_block: int = _FLASH_QUERY_BLOCK,
+    slot_multiple: int = 1,
 ) -> int:
     """Slots per split-KV chunk: enough chunks for about `PREFIX_BLOCKS_PER_MULTIPROCESSOR` kernel blocks per
     multiprocessor (one block per chunk, key head and `query_block` query rows), none shorter than
-    `PREFIX_MIN_CHUNK_SLOTS`. One query over a long prefix would otherwise give the kernel a block per head, a
+    `PREFIX_MIN_CHUNK_SLOTS`, a multiple of `slot_multiple` (the Triton kernel's key tile: no chunk ends in a partial
+    tile). One query over a long prefix would otherwise give the kernel a block per head, a
     fraction of the GPU; 64 tree nodes over the same prefix need fewer, longer chunks."""
     if device.type == "cuda":
         multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
@@ -164,7 +167,8 @@ def prefix_chunk_slots(
         multiprocessors = _DEFAULT_MULTIPROCESSORS
     blocks_per_chunk = batch * num_kv_heads * -(-query_rows // query_block)
     num_chunks = -(-PREFIX_BLOCKS_PER_MULTIPROCESSOR * multiprocessors // blocks_per_chunk)
-    return max(PREFIX_MIN_CHUNK_SLOTS, -(-num_slots // num_chunks))
+    chunk = max(PREFIX_MIN_CHUNK_SLOTS, -(-num_slots // num_chunks))
+    return -(-chunk // slot_multiple) * slot_multiple
 
 
 def prefix_attention_serves(keys: torch.Tensor) -> bool:
@@ -183,7 +187,7 @@ def prefix_attention(
     num_kv_heads, num_slots = keys.shape[1], keys.shape[2]
     rows = num_heads // num_kv_heads * num_queries
     config = default_kernel_config(rows, query.dtype)
-    chunk = prefix_chunk_slots(num_slots, batch, num_kv_heads, rows, keys.device, config.block_m)
+    chunk = prefix_chunk_slots(num_slots, batch, num_kv_heads, rows, keys.device, config.block_m, config.block_n)
     return prefix_attention_triton(query, keys, values, lengths.to(torch.int32), min(chunk, num_slots), scale, config)
 
 
@@ -329,7 +333,7 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
         num_kv_heads = key.shape[1]
         rows = query.shape[1] // num_kv_heads * query.shape[2]
         config = inputs.triton_config or default_kernel_config(rows, query.dtype)
-        chunk = inputs.chunk_slots_for(num_kv_heads, rows, config.block_m)
+        chunk = inputs.chunk_slots_for(num_kv_heads, rows, config.block_m, config.block_n)
         output = tree_attention_triton(
             query, key, value, inputs.prefix_lengths, inputs.node_slots, inputs.tree_bias, chunk, scale, config
         )

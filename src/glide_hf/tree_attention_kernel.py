@@ -156,7 +156,21 @@ if triton is not None:
             start = part * chunk_size
             end = tl.minimum(start + chunk_size, tl.load(prefix_lengths + batch_row))
         live_tiles = tl.minimum(num_tiles, tl.maximum(tl.cdiv(end - start, BLOCK_N), 0))
-        for tile in range(0, live_tiles):
+        # Prefix tiles wholly inside [start, end) (all but a row's last) need no key mask, and take the scale in
+        # one multiply-add with the running maximum (`raw * scale - max`); the others, and the tree, are masked.
+        full_tiles = 0 if TREE else tl.minimum(live_tiles, tl.maximum((end - start) // BLOCK_N, 0))
+        for tile in range(0, full_tiles):
+            offsets = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = tl.load(key_base + offsets[None, :] * stride_ks + dims[:, None], mask=dim_valid[:, None], other=0.0)
+            raw = tl.dot(q, k, input_precision=DOT_PRECISION)
+            new_max = tl.maximum(row_max, tl.max(raw, 1) * scale_log2)  # finite: every key counts
+            probs = tl.exp2(raw * scale_log2 - new_max[:, None])
+            rescale = tl.exp2(row_max - new_max)
+            row_sum = row_sum * rescale + tl.sum(probs, 1)
+            v = tl.load(value_base + offsets[:, None] * stride_vs + dims[None, :], mask=dim_valid[None, :], other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+            row_max = new_max
+        for tile in range(full_tiles, live_tiles):
             offsets = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             key_valid = offsets < end
             if TREE:
