@@ -15,8 +15,9 @@ One round, for every row of the batch at once:
 Rows keep their own lengths (`static_cache.py`), so a row that accepts five tokens never waits for one that accepts
 none. A round has static shapes and no host synchronisation, so on CUDA it is captured once and replayed as one
 CUDA graph; one host synchronisation per round then decides which rows finished. The verify forward attends
-either through one explicit mask over the slot buffer, or split (`tree_attention.py`): the prefix through torch's
-length-aware flash kernel, the tree through a small mask, merged by log-sum-exp.
+either through one explicit mask over the slot buffer, or split (`tree_attention.py`): each row's prefix in
+split-KV chunks, the tree through a small mask, merged by log-sum-exp (in Triton where installed). The draft runs
+inside `fused_for_inference()` and the target inside `triton_rms_norms`: fewer, larger kernels per step.
 """
 
 from dataclasses import dataclass, field

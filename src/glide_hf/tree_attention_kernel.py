@@ -15,6 +15,9 @@ an H200 whatever the context: more than the attention itself. Here, three launch
    attention interface returns. With few query rows (a token, a short chain: many parts, few programs) it reads a
    row's parts as one tile, otherwise part by part.
 
+`prefix_attention_triton` runs the prefix parts and the merge only: the draft's cross-attention onto each row's
+verified prefix of the target cache (`tree_attention.prefix_attention`).
+
 Used where Triton is installed and the slot cache is on CUDA in fp16, bf16 or fp32 (fp32 without TF32, so a fp32
 engine stays exactly the target; `tree_attention.split_attention_kernel`); the CPU tests run the same kernels in
 Triton's interpreter (`TRITON_INTERPRET=1`) when Triton is installed.
