@@ -391,6 +391,6 @@ def _split_attention(query, key, value, prefix_lengths, tree, chunk_size: int, s
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_P=triton.next_power_of_2(num_parts),
-        PARTS_AS_TILE=query_rows <= _FEW_ROWS,  # measured on an H200 (docs/benchmarks.md, run 11)
+        PARTS_AS_TILE=query_rows <= _FEW_ROWS,  # measured on an H200 (docs/benchmarks.md, runs 11 and 12)
     )
     return output
