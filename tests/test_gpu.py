@@ -327,3 +327,16 @@ def test_fractional_forced_acceptance_alternates_under_cuda_graphs_in_every_call
         )
         accepted = out.accepted_per_round[:-1, 0].tolist()  # the last round may be cut by max_new_tokens
         assert accepted == [3, 4] * (len(accepted) // 2) + [3] * (len(accepted) % 2), accepted
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_the_engine_runs_on_a_gpu_that_is_not_the_current_device():
+    """Models and inputs on cuda:1 while cuda:0 is current: the CUDA graphs and the Triton kernels run on cuda:1, and
+    the output is the target's."""
+    target = build_target().to("cuda:1")
+    draft = build_draft(target).to("cuda:1")
+    prompt = random_ids(2, 30).to("cuda:1")
+    torch.cuda.set_device(0)
+    out = draft.generate(prompt, max_new_tokens=24, num_draft_tokens=4, do_sample=False, eos_token_id=None)
+    assert out.device == prompt.device
+    assert torch.equal(out, target.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None))

@@ -20,6 +20,7 @@ split-KV chunks, the tree through a small mask, merged by log-sum-exp (in Triton
 inside `fused_for_inference()` and the target inside `triton_rms_norms`: fewer, larger kernels per step.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -250,7 +251,9 @@ def glide_generate(
     if use_cuda_graphs is None:
         use_cuda_graphs = input_ids.is_cuda and not per_node_histories
 
-    with torch.no_grad(), draft.fused_for_inference(), triton_rms_norms(target):
+    # The inputs' GPU is the current device for the call: CUDA graphs capture, and Triton launches, on the current one.
+    on_device = torch.cuda.device(input_ids.device) if input_ids.is_cuda else contextlib.nullcontext()
+    with on_device, torch.no_grad(), draft.fused_for_inference(), triton_rms_norms(target):
         history_processors = None
         if per_node_histories:
             target._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)

@@ -58,7 +58,11 @@ def triton_rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: floa
     output = torch.empty(rows.shape, device=rows.device, dtype=torch.promote_types(weight.dtype, hidden_states.dtype))
     block = triton.next_power_of_2(hidden)
     num_warps = min(16, max(1, block // 512))
-    _rms_norm[(rows.shape[0],)](rows, weight, output, rows.stride(0), hidden, eps, BLOCK=block, num_warps=num_warps)
+    # Triton launches on the current device: make it the tensors' (a model on another GPU than the current one).
+    with torch.cuda.device(rows.device) if rows.is_cuda else contextlib.nullcontext():
+        _rms_norm[(rows.shape[0],)](
+            rows, weight, output, rows.stride(0), hidden, eps, BLOCK=block, num_warps=num_warps
+        )
     return output.reshape(hidden_states.shape)
 
 

@@ -23,6 +23,7 @@ engine stays exactly the target; `tree_attention.split_attention_kernel`); the C
 Triton's interpreter (`TRITON_INTERPRET=1`) when Triton is installed.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -367,30 +368,32 @@ def _split_attention(query, key, value, prefix_lengths, tree, chunk_size: int, s
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    prefix_tiles = triton.cdiv(chunk_size, config.block_n)
-    _partial_attention[(row_blocks, num_prefix_parts, batch * num_kv_heads)](
-        *arguments, prefix_tiles, scale_log2, TREE=False, **blocks
-    )
-    if tree is not None:
-        tree_tiles = triton.cdiv(num_nodes, config.block_n)
-        _partial_attention[(row_blocks, 1, batch * num_kv_heads)](
-            *arguments, tree_tiles, scale_log2, TREE=True, **blocks
+    # Triton launches on the current device: make it the tensors' (a model on another GPU than the current one).
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        prefix_tiles = triton.cdiv(chunk_size, config.block_n)
+        _partial_attention[(row_blocks, num_prefix_parts, batch * num_kv_heads)](
+            *arguments, prefix_tiles, scale_log2, TREE=False, **blocks
         )
-    output = torch.empty(batch, num_nodes, num_heads, head_dim, device=query.device, dtype=query.dtype)
-    _merge_parts[(batch * num_kv_heads, query_rows)](
-        part_output,
-        part_lse,
-        output,
-        output.stride(0),
-        output.stride(1),
-        output.stride(2),
-        num_nodes,
-        groups,
-        num_kv_heads,
-        num_parts,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_P=triton.next_power_of_2(num_parts),
-        PARTS_AS_TILE=query_rows <= _FEW_ROWS,  # measured on an H200 (docs/benchmarks.md, runs 11 and 12)
-    )
+        if tree is not None:
+            tree_tiles = triton.cdiv(num_nodes, config.block_n)
+            _partial_attention[(row_blocks, 1, batch * num_kv_heads)](
+                *arguments, tree_tiles, scale_log2, TREE=True, **blocks
+            )
+        output = torch.empty(batch, num_nodes, num_heads, head_dim, device=query.device, dtype=query.dtype)
+        _merge_parts[(batch * num_kv_heads, query_rows)](
+            part_output,
+            part_lse,
+            output,
+            output.stride(0),
+            output.stride(1),
+            output.stride(2),
+            num_nodes,
+            groups,
+            num_kv_heads,
+            num_parts,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_P=triton.next_power_of_2(num_parts),
+            PARTS_AS_TILE=query_rows <= _FEW_ROWS,  # measured on an H200 (docs/benchmarks.md, runs 11 and 12)
+        )
     return output
