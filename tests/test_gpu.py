@@ -181,13 +181,16 @@ def test_engine_with_the_triton_split_verify_equals_the_target_in_float32_on_cud
 
 
 def test_fused_for_inference_runs_the_triton_norm_with_the_same_logits_on_cuda(monkeypatch):
-    """On CUDA with Triton, `fused_for_inference` sends every draft RMSNorm through the Triton kernel and fuses the
-    projections, and the bf16 draft's logits stay those of the plain forward (bf16 rounding aside)."""
+    """On CUDA with Triton, `fused_for_inference` sends every draft RMSNorm and rotary embedding through the Triton
+    kernels and fuses the projections, and the bf16 draft's logits stay those of the plain forward (bf16 rounding
+    aside)."""
     from glide_hf import modeling_glide
 
-    calls = []
+    calls, rotations = [], []
     original = modeling_glide.triton_rms_norm
     monkeypatch.setattr(modeling_glide, "triton_rms_norm", lambda *args: calls.append(1) or original(*args))
+    original_rotary = modeling_glide.triton_rotary
+    monkeypatch.setattr(modeling_glide, "triton_rotary", lambda *args: rotations.append(1) or original_rotary(*args))
     draft = build_draft(build_target().cuda()).to("cuda", torch.bfloat16)
     ids = random_ids(2, 24).cuda()
     with torch.no_grad():
@@ -195,6 +198,7 @@ def test_fused_for_inference_runs_the_triton_norm_with_the_same_logits_on_cuda(m
         with draft.fused_for_inference():
             got = draft(ids, draft_lag=2).logits.float()
     assert len(calls) >= 3
+    assert len(rotations) == 2  # the self-attention's query and key heads together, the cross-attention's query
     torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
 
 

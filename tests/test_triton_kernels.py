@@ -1,7 +1,8 @@
-"""The Triton kernels (the split tree attention of `tree_attention_kernel.py`, the RMSNorm of `norm_kernel.py`)
-against their plain-torch references, run on the CPU by Triton's interpreter in a child process (the interpreter
-must be chosen before Triton is imported). Skipped where Triton is not installed (CI installs no Triton: the CUDA
-tests in test_gpu.py check the compiled kernels)."""
+"""The Triton kernels (the split tree attention of `tree_attention_kernel.py`, the RMSNorm of `norm_kernel.py`, the
+rotary embedding of `rotary_kernel.py`) against their plain-torch references, run on the CPU by Triton's interpreter
+in a child process (the interpreter must be chosen before Triton is imported). Skipped where Triton is not installed
+(CI installs no Triton: the CUDA tests in test_gpu.py check the compiled kernels). The plumbing of
+`triton_rms_norms` is tested here without Triton."""
 
 import os
 import subprocess
@@ -30,8 +31,8 @@ def test_triton_kernels_equal_their_references_in_the_interpreter():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     # every attention case in fp16 and fp32, with other tilings, the control, the prefix-only attention in fp16 and
-    # fp32, and the norm in 4 dtype pairs
-    assert result.stdout.count("ok") == 3 * len(CASES) + 1 + 2 + 4, result.stdout
+    # fp32, the norm in 4 dtype pairs, the rotary embedding in 3 dtype pairs and 2 layouts
+    assert result.stdout.count("ok") == 3 * len(CASES) + 1 + 2 + 4 + 6, result.stdout
 
 
 @pytest.mark.parametrize("family, norms_per_layer", [("llama", 2), ("qwen3", 4)])  # Qwen3 adds query and key norms
@@ -188,6 +189,27 @@ def check_rms_norm(dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
     torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+def check_rotary(dtype: torch.dtype, cos_dtype: torch.dtype, heads_dim: int) -> None:
+    """The Triton rotary embedding equals `apply_rotary` (Llama's rotation) bit for bit, dtype of the result
+    included, on the layouts the draft rotates: heads of a fused q/k/v output `[B, S, H, D]` and a transposed query
+    `[B, H, S, D]`; a negative control with the halves swapped must differ."""
+    from glide_hf.modeling_glide import apply_rotary
+    from glide_hf.rotary_kernel import triton_rotary
+
+    torch.manual_seed(5)
+    batch, seq_len, heads, dim = 2, 3, 6, 32
+    states = torch.randn(batch, seq_len, heads + 2, dim).to(dtype)[:, :, :heads]  # a slice, as of fused q/k/v
+    x = states if heads_dim == 2 else states.transpose(1, 2)
+    angles = torch.randn(batch, seq_len, dim // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(cos_dtype), torch.cat([angles.sin()] * 2, -1).to(cos_dtype)
+    expected = apply_rotary(x, cos, sin, heads_dim)
+    got = triton_rotary(x, cos, sin, heads_dim)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got, expected), (got - expected).abs().max()
+    swapped = torch.cat([sin[..., : dim // 2], sin[..., dim // 2 :]], -1).flip(-1)
+    assert not torch.equal(triton_rotary(x, cos, swapped, heads_dim), expected)
+
+
 if __name__ == "__main__":
     _allow_array_loop_bounds()
     for case in CASES:
@@ -209,3 +231,7 @@ if __name__ == "__main__":
         print("ok: rms norm", dtypes, flush=True)
     check_rms_norm(torch.float32, torch.float16)
     print("ok: rms norm float32 input, float16 weight")
+    for dtypes in ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32)):
+        for heads_dim in (1, 2):
+            check_rotary(*dtypes, heads_dim)
+            print("ok: rotary", dtypes, heads_dim, flush=True)

@@ -55,6 +55,7 @@ from .errors import (
 from .loss import causal_lm_loss, resolve_loss_implementation
 from .model_card import write_model_card
 from .norm_kernel import rms_norm_kernel_serves, triton_rms_norm
+from .rotary_kernel import rotary_kernel_serves, triton_rotary
 from .tree_attention import prefix_attention, prefix_attention_serves
 
 logger = logging.get_logger(__name__)
@@ -101,6 +102,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_di
     rotary embedding."""
     cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
     return (x * cos) + (rotate_half(x) * sin)
+
+
+def _rotate_for_inference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+    """`apply_rotary`, in one Triton kernel where it serves (inside `fused_for_inference`, without autograd)."""
+    if rotary_kernel_serves(x, cos):
+        return triton_rotary(x, cos, sin, heads_dim)
+    return apply_rotary(x, cos, sin, heads_dim)
 
 
 def _concatenated_linear(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -238,7 +246,7 @@ class GlideAttention(nn.Module):
             heads, rotated_heads = self.config.num_attention_heads, self.q_proj.out_features // self.head_dim
             rotated_heads += self.k_proj.out_features // self.head_dim
             states = nn.functional.linear(hidden_states, *self.fused_qkv).view(hidden_shape)  # [B, S, H + 2 H_kv, D]
-            query_key = apply_rotary(states[:, :, :rotated_heads], cos, sin, heads_dim=2)
+            query_key = _rotate_for_inference(states[:, :, :rotated_heads], cos, sin, heads_dim=2)
             query_states = query_key[:, :, :heads].transpose(1, 2)  # [B, H, S, D]
             key_states = query_key[:, :, heads:].transpose(1, 2)  # [B, H_kv, S, D]
             value_states = states[:, :, rotated_heads:].transpose(1, 2)
@@ -313,7 +321,10 @@ class GlideCrossAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        query_states = apply_rotary(query_states, cos, sin)  # [B, H, Q, D]
+        if self.use_triton_kernel and not torch.is_grad_enabled():
+            query_states = _rotate_for_inference(query_states, cos, sin)  # [B, H, Q, D]
+        else:
+            query_states = apply_rotary(query_states, cos, sin)
         keys = target_keys.to(device=query_states.device, dtype=query_states.dtype)
         values = target_values.to(device=query_states.device, dtype=query_states.dtype)
         implementation = self.config._attn_implementation
@@ -595,9 +606,10 @@ class GlidePreTrainedModel(PreTrainedModel):
           the MLP gate and up with one. The concatenated weights are copies (about a third of the draft layer), made
           on entry and dropped on exit, so weights trained or loaded in between are never stale; projections that
           are not plain `nn.Linear` (LoRA, quantized) stay separate;
-        - on CUDA with Triton installed, each RMSNorm is one Triton kernel (`norm_kernel.py`), and the
-          cross-attention given `target_lengths` reads each row's prefix of the target cache in parallel chunks
-          (`tree_attention.prefix_attention`) instead of sdpa over a mask of the whole cache.
+        - on CUDA with Triton installed, each RMSNorm and each rotary embedding is one Triton kernel
+          (`norm_kernel.py`, `rotary_kernel.py`), and the cross-attention given `target_lengths` reads each row's
+          prefix of the target cache in parallel chunks (`tree_attention.prefix_attention`) instead of sdpa over a
+          mask of the whole cache.
         Inference only: where gradients are enabled the draft takes its ordinary path (the copies and the Triton
         kernels would not pass gradients to the draft's weights)."""
         fused = [
