@@ -710,7 +710,7 @@ def _round(call: _Call, rows: _Rows, output: torch.Tensor) -> _RoundResult:
                 tokens = call.draft_vocab_ids[tokens]
             draft_probs.append(probs)
         else:
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # the upcast fused in
             parent_local, tokens, scores, valid = policy.select(
                 level, logprobs, tree.scores.gather(1, fed), call.cape_bins
             )
@@ -833,8 +833,9 @@ def _process_with_histories(call: _Call, rows: _Rows, output: torch.Tensor, tree
 
 
 def _draft_step(call, tokens, positions, slots, query_nodes, tree, target_lengths) -> torch.Tensor:
-    """Feed `tokens` `[B, Q]` through the draft at `positions`, storing their keys at `slots`; return logits. Row b
-    of the draft sees the first `target_lengths[b]` slots of the target cache (its verified prefix)."""
+    """Feed `tokens` `[B, Q]` through the draft at `positions`, storing their keys at `slots`; return logits (in the
+    LM head's dtype: the callers upcast them in their first op). Row b of the draft sees the first
+    `target_lengths[b]` slots of the target cache (its verified prefix)."""
     ring = call.draft_cache
     ring.set_write_slots(slots)
     ring.record_positions(slots, positions)
@@ -868,7 +869,7 @@ def _draft_step(call, tokens, positions, slots, query_nodes, tree, target_length
     ).last_hidden_state
     weight = call.draft_head_weight
     hidden = hidden.to(device=weight.device, dtype=weight.dtype)
-    return torch.nn.functional.linear(hidden, weight, call.draft_head_bias).float()
+    return torch.nn.functional.linear(hidden, weight, call.draft_head_bias)
 
 
 def _verify_mask(call: _Call, rows: _Rows, tree: DraftTree):
