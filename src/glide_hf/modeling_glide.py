@@ -106,7 +106,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_di
 
 def _rotate_for_inference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
     """`apply_rotary`, in one Triton kernel where it serves (inside `fused_for_inference`, without autograd)."""
-    if rotary_kernel_serves(x, cos):
+    if rotary_kernel_serves(x, cos, sin):
         return triton_rotary(x, cos, sin, heads_dim)
     return apply_rotary(x, cos, sin, heads_dim)
 

@@ -21,16 +21,17 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["rotary_kernel_serves", "triton_rotary"]
 
 
-def rotary_kernel_serves(x: torch.Tensor, cos: torch.Tensor) -> bool:
-    """Whether `triton_rotary` serves these inputs: CUDA, Triton installed, a full-width rotation of an even,
-    power-of-two head size."""
+def rotary_kernel_serves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `triton_rotary` serves these inputs: CUDA, Triton installed, a full-width rotation of a power-of-two
+    head size, each tensor contiguous in its last dimension."""
     head_dim = x.shape[-1]
     return (
         triton is not None
         and x.is_cuda
-        and cos.shape[-1] == head_dim
+        and cos.shape[-1] == sin.shape[-1] == head_dim
         and head_dim >= 2
         and head_dim & (head_dim - 1) == 0
+        and x.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1
     )
 
 
