@@ -144,6 +144,15 @@ def split_step(target, call, rows, tokens, positions, visible, slots: int, kerne
         )
 
 
+def chain_step_inputs(call, rows, nodes: int):
+    """Random tokens for a `nodes`-long chain after the prefix, their positions (the target cache now writes there)
+    and their causal visibility `[1, nodes, nodes]`."""
+    tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
+    positions = rows.lengths[:, None] + torch.arange(nodes, device=DEVICE)[None]
+    call.target_cache.set_write_slots(positions)
+    return tokens, positions, torch.ones(1, nodes, nodes, dtype=torch.bool, device=DEVICE).tril()
+
+
 def step_times(target, draft, context: int) -> dict:
     """One target step (1 token) and one draft step, both reading a `context`-token target cache."""
     from transformers import GenerationConfig
@@ -181,9 +190,7 @@ def step_times(target, draft, context: int) -> dict:
         # The engine runs the target with its RMSNorms as Triton kernels (`triton_rms_norms`); so do these steps.
         with triton_rms_norms(target):
             for nodes in (1, 8, 32, 64):
-                tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
-                positions = rows.lengths[:, None] + torch.arange(nodes, device=DEVICE)[None]
-                call.target_cache.set_write_slots(positions)
+                tokens, positions, visible = chain_step_inputs(call, rows, nodes)
                 slot = torch.arange(slots, device=DEVICE)[None, None, None]
                 causal = torch.arange(nodes, device=DEVICE)[None, None, :, None]
                 mask = (slot < rows.lengths[:, None, None, None]) | (
@@ -202,8 +209,6 @@ def step_times(target, draft, context: int) -> dict:
 
                 results[f"verify_{nodes}_ms"] = 1000 * cuda_time(verify, repeats=10, warmup=2)
                 results[f"verify_{nodes}_graph_ms"] = 1000 * graph_time(verify, repeats=10)
-                visible = torch.ones(1, nodes, nodes, dtype=torch.bool, device=DEVICE).tril()
-
                 split = functools.partial(split_step, target, call, rows, tokens, positions, visible, slots, kernel)
                 results[f"split_{nodes}_ms"] = 1000 * cuda_time(split, repeats=10, warmup=2)
                 results[f"split_{nodes}_graph_ms"] = 1000 * graph_time(split, repeats=10)
@@ -213,10 +218,7 @@ def step_times(target, draft, context: int) -> dict:
                         repeats=10,
                     )
         for nodes in (1, 64):  # the split steps with the target's own (torch) norms, for comparison
-            tokens = torch.randint(3, 500, (1, nodes), device=DEVICE)
-            positions = rows.lengths[:, None] + torch.arange(nodes, device=DEVICE)[None]
-            call.target_cache.set_write_slots(positions)
-            visible = torch.ones(1, nodes, nodes, dtype=torch.bool, device=DEVICE).tril()
+            tokens, positions, visible = chain_step_inputs(call, rows, nodes)
             split = functools.partial(split_step, target, call, rows, tokens, positions, visible, slots, kernel)
             results[f"split_{nodes}_own_norms_graph_ms"] = 1000 * graph_time(split, repeats=10)
         results["draft_cache_bytes"] = sum(
