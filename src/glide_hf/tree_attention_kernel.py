@@ -243,7 +243,8 @@ if triton is not None:
         lse = tl.load(part_lse + (row_head * num_parts + parts) * query_rows + row, mask=part_valid, other=-1e30)
         lse = tl.where(lse == float("-inf"), -1e30, lse)  # parts without keys
         top = tl.max(lse, 0)
-        total = tl.sum(tl.exp2(lse - top), 0)
+        weights = tl.exp2(lse - top)
+        total = tl.sum(weights, 0)
         dims = tl.arange(0, BLOCK_D)
         dim_valid = dims < HEAD_DIM
         if PARTS_AS_TILE:
@@ -255,7 +256,7 @@ if triton is not None:
                 mask=part_valid[:, None] & dim_valid[None, :],
                 other=0.0,
             )
-            merged = tl.sum(tl.exp2(lse - top)[:, None] * outputs, 0) / total
+            merged = tl.sum(weights[:, None] * outputs, 0) / total
         else:
             # Many query rows, few parts: enough programs run to hide each load's latency.
             merged = tl.zeros([BLOCK_D], dtype=tl.float32)
