@@ -336,7 +336,15 @@ def test_fractional_forced_acceptance_alternates_under_cuda_graphs_in_every_call
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_the_engine_runs_on_a_gpu_that_is_not_the_current_device():
     """Models and inputs on cuda:1 while cuda:0 is current: the CUDA graphs and the Triton kernels run on cuda:1, and
-    the output is the target's."""
+    the output is the target's. A graph captured on cuda:0 comes first, as other code in the process may: it makes
+    torch's process-wide default capture stream there, which a round on cuda:1 must not capture on (the engine hung
+    at its first host synchronisation when it did)."""
+    counter = torch.zeros(1, device="cuda:0")
+    with torch.cuda.device(0):
+        other_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(other_graph):
+            counter += 1
+    assert torch.cuda.graph.default_capture_stream.device == torch.device("cuda:0")
     target = build_target().to("cuda:1")
     draft = build_draft(target).to("cuda:1")
     prompt = random_ids(2, 30).to("cuda:1")

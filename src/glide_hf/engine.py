@@ -579,6 +579,10 @@ class _RoundRunner:
     kernels initialise lazily on first use, which capture does not allow). That warm-up costs about four replayed
     rounds, so it is done once per code path (`_round_code_path`) per draft, not once per `generate` call: the draft
     remembers the paths it has warmed.
+
+    Warm-up and capture run on a stream of the round's own device. (`torch.cuda.graph`'s default capture stream is
+    made once per process, on the device current at its first use: a round on another GPU captured there would
+    launch its kernels on the wrong device.)
     """
 
     def __init__(self, call: _Call, rows: _Rows, output: torch.Tensor) -> None:
@@ -586,6 +590,7 @@ class _RoundRunner:
         # One graph per tree shape (a chain's length changes under the heuristic schedule), with its result.
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, _RoundResult]] = {}
         self.warm: set[int] = set()
+        self.side_stream: torch.cuda.Stream | None = None  # made at the first warm-up or capture, on the round's GPU
         draft = call.draft
         if getattr(draft, "_warm_round_code_paths", None) is None:
             draft._warm_round_code_paths = set()
@@ -602,19 +607,21 @@ class _RoundRunner:
             graph, result = self.graphs[shape]
             graph.replay()
             return result
+        device = self.rows.lengths.device
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(device)
         code_path = _round_code_path(self.call)
         if shape not in self.warm and code_path not in self.warm_code_paths:  # warm up on a side stream
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self.side_stream):
                 result = _round(self.call, self.rows, self.output)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(self.side_stream)
             self.warm.add(shape)
             self.warm_code_paths.add(code_path)
             return result
         _compile_triton_kernels(self.call, self.rows)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self.side_stream):
             result = _round(self.call, self.rows, self.output)
         self.graphs[shape] = (graph, result)
         graph.replay()
