@@ -5,8 +5,9 @@
 set -uo pipefail
 source benchmarks/_gpu_env.sh
 print_gpus
-python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=300 tests/test_gpu.py tests/test_engine.py tests/test_triton_kernels.py 2>&1 \
-  | tee "$OUT/pytest_steps_gpu.log" | tail -4
+# faulthandler: a test that hangs prints its stack after 300 s instead of eating the device call.
+python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=300 \
+  tests/test_gpu.py tests/test_engine.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/pytest_steps_gpu.log" | tail -4
 cd benchmarks
 python3 profile_split_verify.py --context 16384 --nodes 1 64 --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/profile.log"
 python3 engine_gpu.py --quick --quick-contexts 16384 --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/engine_gpu_quick.log" | tail -6
