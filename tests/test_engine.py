@@ -238,6 +238,25 @@ def test_draft_follows_its_target_to_the_targets_device():
     assert draft.model.layer.mlp.up_proj.weight.device == target.lm_head.weight.device
 
 
+def test_models_and_inputs_on_different_devices_get_a_clear_error():
+    """The engine's caches, masks and graphs live on one device. A target spread over devices (here one layer on
+    `meta`, as offloading leaves it), or inputs elsewhere than the models, are refused before any computation with
+    what to do, instead of an error from inside torch."""
+    prompt = random_ids(1, 6)
+    target = build_target()
+    draft = build_draft(target)
+    target.model.layers[1].to("meta")
+    with pytest.raises(UnsupportedGenerationError, match=r"on one device.*\['cpu', 'meta'\].*device_map="):
+        draft.generate(prompt, max_new_tokens=3)
+    draft = build_draft(build_target())
+    with pytest.raises(UnsupportedGenerationError, match=r"`input_ids` is on meta but the models are on cpu"):
+        draft.generate(prompt.to("meta"), max_new_tokens=3)
+    with pytest.raises(UnsupportedGenerationError, match=r"`attention_mask` is on meta"):
+        draft.generate(prompt, attention_mask=torch.ones_like(prompt, device="meta"), max_new_tokens=3)
+    # The same models and inputs on one device generate.
+    assert draft.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 9)
+
+
 def test_streamer_receives_prompt_then_every_new_token():
     target = build_target()
     draft = build_draft(target)

@@ -194,6 +194,7 @@ def glide_generate(
         )
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise UnsupportedGenerationError("`input_ids` must be a non-empty `[batch, length]` tensor of token ids.")
+    _check_one_device(draft, input_ids, attention_mask)
     config, unused = target._prepare_generation_config(generation_config, **kwargs)
     unused = {key: value for key, value in unused.items() if value is not None and key != "use_cache"}
     if unused:
@@ -402,6 +403,28 @@ def _rotary_table(draft, target, num_positions: int, device) -> tuple[torch.Tens
     like = torch.empty(1, 1, 1, dtype=dtype, device=device)
     cos, sin = rotary(like, torch.arange(num_positions, device=device)[None])
     return cos[0], sin[0]
+
+
+def _check_one_device(draft, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """The engine keeps its caches, masks and CUDA graphs on one device: the models' and the inputs'."""
+    devices = {parameter.device for parameter in draft.parameters()}
+    if len(devices) > 1:
+        raise UnsupportedGenerationError(
+            f"`draft.generate` needs the target and the draft on one device, but their weights are on "
+            f"{sorted(str(device) for device in devices)} (a `device_map` across several devices, or offloading). "
+            'Load the target onto one device (e.g. `device_map="cuda:0"`) and move the draft there with `.to()`.'
+        )
+    (device,) = devices
+    if input_ids.device != device:
+        raise UnsupportedGenerationError(
+            f'`input_ids` is on {input_ids.device} but the models are on {device}: pass `input_ids.to("{device}")` '
+            "(and the attention mask too)."
+        )
+    if attention_mask is not None and attention_mask.device != device:
+        raise UnsupportedGenerationError(
+            f"`attention_mask` is on {attention_mask.device} but the models and `input_ids` are on {device}: pass "
+            f'`attention_mask.to("{device}")`.'
+        )
 
 
 def _check_policy_fits(policy: TreePolicy, vocab_size: int) -> None:
