@@ -56,7 +56,8 @@ class GlideConfig(PreTrainedConfig):
         max_draft_lag (`int`, *optional*, defaults to 5):
             Training draws a lag j in `1..max_draft_lag` per batch: a draft query at token t then sees target
             keys of tokens <= t - j only, as at inference, where draft step s sees keys up to s + 1 tokens back.
-            Set it to at least the number of draft steps per round (chain length, or tree depth + 1).
+            Set it to at least the draft depth you decode with (`num_draft_tokens` for chains and CAPE,
+            `len(tree_widths)` for trees).
         num_draft_tokens (`int`, *optional*, defaults to 5):
             Tokens drafted per round by `target.generate(..., assistant_model=draft)`; written into the draft's
             `generation_config.json` as `num_assistant_tokens`.

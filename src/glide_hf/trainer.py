@@ -457,7 +457,7 @@ class _CollatorEpochCallback(TrainerCallback):
 
 
 class GlideTrainer(Trainer):
-    """A `transformers.Trainer` whose checkpoints appear whole or not at all; everything else is Trainer's.
+    """A `transformers.Trainer` whose checkpoints appear whole or not at all, and hold the draft alone.
 
     Trainer (5.24) writes `checkpoint-N` file by file: weights, optimizer, scheduler, RNG states, `trainer_state.json`.
     A run killed in between (preemption, out of memory, Ctrl-C) leaves a folder with that name but without, say, its
@@ -470,6 +470,10 @@ class GlideTrainer(Trainer):
     The guarantee covers a killed process, not the loss of the host's page cache (files are not fsync'ed). With
     several nodes, `output_dir` is either on a file system that all nodes share (`save_on_each_node` off, its
     default: one process renames) or on each node's own disk with `save_on_each_node=True` (one process per node).
+
+    Under FSDP or DeepSpeed (without PEFT), `save_model`, `_save_optimizer_and_scheduler`, `_load_from_checkpoint`
+    and `_load_best_model` save and load the draft's weights and optimizer state alone: the frozen target, sharded
+    with it, is never written to a checkpoint.
     """
 
     # Set only while `_save_checkpoint` runs: the folder that Trainer's own checkpoint code takes as `output_dir`.
