@@ -92,6 +92,15 @@ def test_save_pretrained_writes_config_weights_generation_config_and_modeling_fi
     assert {"config.json", "generation_config.json", "model.safetensors", *MODELING_FILES} <= files
 
 
+def test_checkpoint_format_doc_lists_exactly_the_modeling_files_saved(saved_draft):
+    """docs/checkpoint-format.md names the Python files a saved draft carries for `trust_remote_code`: the same set."""
+    saved = {name for name in os.listdir(saved_draft.path) if name.endswith(".py")}
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "checkpoint-format.md").read_text()
+    row = next(line for line in doc.splitlines() if "`modeling_glide.py`" in line and line.startswith("|"))
+    documented = set(re.findall(r"`([a-z_]+\.py)`", row.split("|")[1]))
+    assert documented == saved
+
+
 def test_config_json_names_target_and_nests_its_config(saved_draft):
     config = read_config_json(saved_draft)
     target_config = json.loads((Path(saved_draft.target_path) / "config.json").read_text())
