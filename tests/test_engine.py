@@ -238,6 +238,74 @@ def test_draft_follows_its_target_to_the_targets_device():
     assert draft.model.layer.mlp.up_proj.weight.device == target.lm_head.weight.device
 
 
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        (dict(input_ids=random_ids(2, 6).float()), UnsupportedGenerationError, "integer token ids, got dtype"),
+        (dict(input_ids=random_ids(2, 6).tolist()), UnsupportedGenerationError, r"`\[batch, length\]` tensor"),
+        (dict(input_ids=random_ids(2, 6)[:0]), UnsupportedGenerationError, r"`\[batch, length\]` tensor"),
+        (dict(input_ids=torch.tensor([[5, 6, VOCAB]])), UnsupportedGenerationError, f"0..{VOCAB - 1}"),
+        (dict(input_ids=torch.tensor([[5, -1, 7]])), UnsupportedGenerationError, "ids from -1"),
+        (dict(attention_mask=torch.ones(2, 5, dtype=torch.long)), UnsupportedGenerationError, "shape of `input_ids`"),
+        (dict(attention_mask=torch.full((2, 6), 2)), UnsupportedGenerationError, "1 for tokens and 0 for padding"),
+        (dict(eos_token_id=VOCAB), UnsupportedGenerationError, "`eos_token_id` must be token ids"),
+        (dict(eos_token_id=-1), UnsupportedGenerationError, "`eos_token_id` must be token ids"),
+        (dict(eos_token_id=[[5, 2]]), UnsupportedGenerationError, "`eos_token_id` must be token ids"),
+        (dict(pad_token_id=-7), UnsupportedGenerationError, "`pad_token_id` must be token ids"),
+        (dict(repetition_penalty=0.0), UnsupportedGenerationError, "`repetition_penalty` must be a positive"),
+        (dict(num_draft_tokens=0), GlideConfigError, "positive integer `num_draft_tokens`, got 0"),
+        (dict(num_draft_tokens=2.5), GlideConfigError, "positive integer `num_draft_tokens`, got 2.5"),
+        (dict(draft_strategy="tree", tree_widths=(2.7, 3)), GlideConfigError, "`tree_widths` must be"),
+        (dict(draft_strategy="tree", tree_widths=4), GlideConfigError, "`tree_widths` must be"),
+        (dict(draft_strategy="cape", cape_bins=(4, 3, 2)), GlideConfigError, "`cape_bins` must be 11 positive"),
+        (dict(tree_widths=(4, 4)), GlideConfigError, "`tree_widths` applies to `draft_strategy='tree'`"),
+        (dict(draft_strategy="tree", cape_bins=(2,) * 11), GlideConfigError, "`cape_bins` applies to"),
+    ],
+)
+def test_bad_generate_arguments_get_a_typed_error_that_names_them(arguments, error, message):
+    """Wrong ids, masks, special tokens and drafting arguments are refused before any forward, with what was wrong,
+    instead of an error from inside torch or a silently different setting."""
+    draft = build_draft(build_target())
+    arguments = {"input_ids": random_ids(2, 6), "max_new_tokens": 4, **arguments}
+    with pytest.raises(error, match=message):
+        draft.generate(**arguments)
+
+
+def test_settings_only_transformers_processors_implement_give_the_targets_output():
+    """`min_length` and `exponential_decay_length_penalty` change which token ends a row: the engine runs them
+    through Transformers' own processor list (the host path), so its output is still the target's."""
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(2, 6)
+    eos = int(target.generate(prompt[:1], max_new_tokens=1, do_sample=False)[0, -1])  # row 0's first new token
+    for setting in (dict(min_length=10), dict(exponential_decay_length_penalty=(0, 100.0))):
+        settings = dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0, **setting)
+        expected = target.generate(prompt, **settings)
+        assert torch.equal(draft.generate(prompt, **settings), expected), setting
+    assert not torch.equal(
+        draft.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0),
+        target.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0, min_length=10),
+    )  # the setting matters here: without it the output differs
+
+
+def test_stopping_criteria_as_a_plain_list_and_max_time_are_honoured():
+    """`stopping_criteria` may be a plain list, as `target.generate` takes it; `max_time` stops every row."""
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(1, 6)
+
+    class StopAtLength(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 11, dtype=torch.bool)
+
+    settings = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
+    expected = target.generate(prompt, stopping_criteria=StoppingCriteriaList([StopAtLength()]), **settings)
+    assert expected.shape[1] == 11
+    assert torch.equal(draft.generate(prompt, stopping_criteria=[StopAtLength()], **settings), expected)
+    timed_out = draft.generate(prompt, max_time=0.0, num_draft_tokens=4, **settings)
+    assert timed_out.shape[1] == 7  # the first round's first new token, then the time is up
+
+
 def test_models_and_inputs_on_different_devices_get_a_clear_error():
     """The engine's caches, masks and graphs live on one device. A target spread over devices (here one layer on
     `meta`, as offloading leaves it), or inputs elsewhere than the models, are refused before any computation with

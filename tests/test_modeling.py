@@ -353,6 +353,21 @@ def test_drafting_with_target_lengths_equals_drafting_with_the_prefix_mask():
         draft(fed, target_cache=target_cache, target_attention_mask=prefix, target_lengths=lengths)
     with pytest.raises(ValueError, match="target_lengths"):
         draft(fed, target_lengths=lengths)
+    for wrong in (torch.tensor([9, 14, 3]), lengths.float(), lengths[:1], [9, 14]):  # not one integer per row
+        with pytest.raises(ValueError, match=r"`target_lengths` must be an integer tensor of shape \[batch\] = \[2\]"):
+            draft(fed, target_cache=target_cache, target_lengths=wrong)
+
+
+def test_labels_of_another_shape_or_dtype_than_the_tokens_are_refused():
+    """The loss shifts `labels` itself: they must be the tokens' shape, as integers. Labels of another shape with as
+    many shifted targets would otherwise give a loss over misaligned tokens."""
+    draft = build_draft(build_target())
+    ids = random_ids(2, 7)
+    with pytest.raises(ValueError, match=r"shape of the input tokens \(2, 7\), got \(3, 5\)"):
+        draft(ids, labels=random_ids(3, 5))
+    with pytest.raises(ValueError, match="integer token ids"):
+        draft(ids, labels=ids.float())
+    assert torch.isfinite(draft(ids, labels=ids).loss)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -21,12 +21,13 @@ inside `fused_for_inference()` and the target inside `triton_rms_norms`: fewer, 
 """
 
 import contextlib
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.generation.stopping_criteria import StoppingCriteriaList
+from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
 from .errors import GlideConfigError, TargetNotAttachedError, UnsupportedGenerationError
@@ -192,15 +193,17 @@ def glide_generate(
             "This GLIDE draft has no target attached: load it with `from_pretrained(path, target_model=target)` or "
             "call `attach_target(target)` before `generate`."
         )
-    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise UnsupportedGenerationError("`input_ids` must be a non-empty `[batch, length]` tensor of token ids.")
+    _check_input_shapes(input_ids, attention_mask)
     _check_one_device(draft, input_ids, attention_mask)
+    _check_input_values(input_ids, attention_mask, target.config.vocab_size)
     config, unused = target._prepare_generation_config(generation_config, **kwargs)
     unused = {key: value for key, value in unused.items() if value is not None and key != "use_cache"}
     if unused:
         raise TypeError(f"`generate` got unexpected arguments: {sorted(unused)}.")
     check_generation_config(config)
-    policy = make_policy(draft_strategy, num_draft_tokens or draft.config.num_draft_tokens, tree_widths, cape_bins)
+    if num_draft_tokens is None:
+        num_draft_tokens = draft.config.num_draft_tokens
+    policy = make_policy(draft_strategy, num_draft_tokens, tree_widths, cape_bins)
     if forced_acceptance is not None and (policy.kind != "chain" or not 0 <= forced_acceptance <= policy.depth):
         raise GlideConfigError(
             f"`forced_acceptance` (benchmark only) needs `draft_strategy='chain'` and a value in 0..{policy.depth}."
@@ -219,6 +222,12 @@ def glide_generate(
     split_verify = _choose_verify_attention(verify_attention, target)
     eos_token_ids = _as_list(config.eos_token_id)
     pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_token_ids or [0])[0]
+    _check_token_ids(eos_token_ids, pad_token_id, target.config.vocab_size)
+    eos_token_ids, pad_token_id = [int(i) for i in eos_token_ids], int(pad_token_id)
+    if stopping_criteria is not None and not isinstance(stopping_criteria, StoppingCriteriaList):
+        stopping_criteria = StoppingCriteriaList(stopping_criteria)  # a plain list, as `target.generate` takes
+    if config.max_time is not None:  # as `target.generate`: one more criterion
+        stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), MaxTimeCriteria(config.max_time)])
     prompt_length = input_ids.shape[1]
     max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_length
     if max_new_tokens < 1:
@@ -244,8 +253,8 @@ def glide_generate(
     per_node_histories = bool(logits_processor) or needs_token_histories(config)
     if use_cuda_graphs and per_node_histories:
         raise UnsupportedGenerationError(
-            "History-dependent logits processing (a `logits_processor`, `no_repeat_ngram_size`, ...) runs per node on "
-            "the host and cannot be captured in a CUDA graph: pass `use_cuda_graphs=False`."
+            "History-dependent logits processing (a `logits_processor`, `no_repeat_ngram_size`, `min_length`, ...) "
+            "runs per node on the host and cannot be captured in a CUDA graph: pass `use_cuda_graphs=False`."
         )
     if use_cuda_graphs and not input_ids.is_cuda:
         raise UnsupportedGenerationError("`use_cuda_graphs=True` needs the inputs and the models on a CUDA device.")
@@ -405,6 +414,41 @@ def _rotary_table(draft, target, num_positions: int, device) -> tuple[torch.Tens
     return cos[0], sin[0]
 
 
+def _check_input_shapes(input_ids, attention_mask) -> None:
+    """Token ids and mask of the form the engine reads, or an error that says what is wrong (no data read)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise UnsupportedGenerationError("`input_ids` must be a non-empty `[batch, length]` tensor of token ids.")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise UnsupportedGenerationError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape
+    ):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise UnsupportedGenerationError(
+            f"`attention_mask` must be a tensor of the shape of `input_ids` {tuple(input_ids.shape)}, got {shape}."
+        )
+
+
+def _check_input_values(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int) -> None:
+    """Token ids inside the vocabulary and a 0/1 mask (one host synchronisation per call)."""
+    low, high = (int(value) for value in torch.stack([input_ids.min(), input_ids.max()]).tolist())
+    if low < 0 or high >= vocab_size:
+        raise UnsupportedGenerationError(
+            f"`input_ids` holds ids from {low} to {high}, outside the target's vocabulary 0..{vocab_size - 1}: was "
+            "it made with another model's tokenizer?"
+        )
+    if attention_mask is not None and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise UnsupportedGenerationError("`attention_mask` must hold 1 for tokens and 0 for padding only.")
+
+
+def _check_token_ids(eos_token_ids: list, pad_token_id, vocab_size: int) -> None:
+    """End-of-sequence and padding ids inside the vocabulary (a negative id would index from the end)."""
+    for name, ids in (("eos_token_id", eos_token_ids), ("pad_token_id", [pad_token_id])):
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+            shown = ids if name == "eos_token_id" else ids[0]
+            raise UnsupportedGenerationError(f"`{name}` must be token ids in 0..{vocab_size - 1}, got {shown!r}.")
+
+
 def _check_one_device(draft, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
     """The engine keeps its caches, masks and CUDA graphs on one device: the models' and the inputs'."""
     devices = {parameter.device for parameter in draft.parameters()}
@@ -445,7 +489,7 @@ def _as_list(token_ids) -> list[int]:
         return []
     if isinstance(token_ids, torch.Tensor):
         return token_ids.flatten().tolist()
-    return list(token_ids) if isinstance(token_ids, (list, tuple)) else [int(token_ids)]
+    return list(token_ids) if isinstance(token_ids, (list, tuple)) else [token_ids]  # checked by _check_token_ids
 
 
 def _prefill(

@@ -948,6 +948,21 @@ class GlideModel(GlidePreTrainedModel):
                 "`target_lengths` describes which slots of `target_cache` each row sees: pass it with `target_cache` "
                 "and without `target_attention_mask`."
             )
+        if target_lengths is not None and (
+            not isinstance(target_lengths, torch.Tensor)
+            or target_lengths.shape != (inputs_embeds.shape[0],)
+            or target_lengths.dtype.is_floating_point
+            or target_lengths.dtype == torch.bool
+        ):
+            shown = (
+                (target_lengths.dtype, tuple(target_lengths.shape))
+                if torch.is_tensor(target_lengths)
+                else target_lengths
+            )
+            raise ValueError(
+                f"`target_lengths` must be an integer tensor of shape [batch] = [{inputs_embeds.shape[0]}], got "
+                f"{shown!r}."
+            )
         key_padding_mask, lag = None, None
         if target_cache is not None:
             target_kv = read_target_kv(target_cache, self.config.target_kv_layer_index)
@@ -1121,6 +1136,14 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
         loss, logits = None, None
         implementation = None
         if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.shape != hidden_states.shape[:2]:
+                shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ValueError(
+                    f"`labels` must have the shape of the input tokens {tuple(hidden_states.shape[:2])}, got {shape} "
+                    "(the loss shifts them by one itself)."
+                )
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                raise ValueError(f"`labels` must hold integer token ids (-100 to ignore), got dtype {labels.dtype}.")
             implementation = resolve_loss_implementation(self.config.loss_implementation, hidden_states.device)
             loss = causal_lm_loss(
                 hidden_states,

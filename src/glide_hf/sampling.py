@@ -60,6 +60,11 @@ _HISTORY_DEPENDENT = {
     "begin_suppress_tokens": None,
     "renormalize_logits": False,
     "watermarking_config": None,
+    # Not history-dependent, but only Transformers' own processor list implements them: the host path runs it.
+    "min_length": 0,
+    "exponential_decay_length_penalty": None,
+    "top_h": None,
+    "remove_invalid_values": False,
 }
 
 
@@ -107,6 +112,11 @@ def check_generation_config(config: GenerationConfig) -> None:
             raise UnsupportedGenerationError(
                 f"`{name}` is not supported by the GLIDE engine; pass `stopping_criteria` or use `target.generate`."
             )
+    penalty = getattr(config, "repetition_penalty", None)
+    if penalty is not None and not (isinstance(penalty, (int, float)) and penalty > 0):
+        raise UnsupportedGenerationError(
+            f"`repetition_penalty` must be a positive number (1.0: none), got {penalty!r}."
+        )
     if getattr(config, "guidance_scale", None) not in (None, 1.0):
         raise UnsupportedGenerationError(
             f"`guidance_scale={config.guidance_scale}` (classifier-free guidance) is not supported by the GLIDE "

@@ -17,6 +17,7 @@ engine's acceptance rule exact, see `sampling.py`):
   (`bins[floor(10 * p_top1)]` candidates including the spine token).
 """
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -89,29 +90,46 @@ class TreePolicy:
         return flat // vocab, flat % vocab, scores, valid
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_ints(name: str, values, length: int | None = None) -> tuple[int, ...]:
+    """`values` as a tuple of positive Python ints (`length` of them when given), or a `GlideConfigError`."""
+    if isinstance(values, (list, tuple)) and all(_is_positive_int(value) for value in values) and values:
+        if length is None or len(values) == length:
+            return tuple(int(value) for value in values)
+    expected = f"{length} positive integers" if length is not None else "a non-empty list of positive integers"
+    raise GlideConfigError(f"`{name}` must be {expected}, got {values!r}.")
+
+
 def chain(num_tokens: int) -> TreePolicy:
-    if num_tokens < 1:
-        raise GlideConfigError(f"A draft chain needs at least one token, got `num_draft_tokens={num_tokens}`.")
+    if not _is_positive_int(num_tokens):
+        raise GlideConfigError(f"A draft chain needs a positive integer `num_draft_tokens`, got {num_tokens!r}.")
     return TreePolicy("chain", (1,) * num_tokens, (1,) * num_tokens)
 
 
 def static_tree(widths: tuple[int, ...] | list[int]) -> TreePolicy:
-    widths = tuple(int(width) for width in widths)
-    if not widths or any(width < 1 for width in widths):
-        raise GlideConfigError(f"`tree_widths` must be positive integers, one per level, got {list(widths)}.")
+    widths = _positive_ints("tree_widths", widths)  # one per level
     return TreePolicy("static", widths, widths)
 
 
 def cape(depth: int, bins: tuple[int, ...] | list[int] = CAPE_DEFAULT_BINS) -> TreePolicy:
-    bins = tuple(int(count) for count in bins)
-    if depth < 1 or not bins or any(count < 1 for count in bins):
-        raise GlideConfigError(f"CAPE needs `depth >= 1` and positive `cape_bins`, got depth={depth}, bins={bins}.")
+    if not _is_positive_int(depth):
+        raise GlideConfigError(f"CAPE needs a positive integer depth (`num_draft_tokens`), got {depth!r}.")
+    # One count per decile of the draft's top probability, floor(10 * p) = 0..10.
+    bins = _positive_ints("cape_bins", bins, length=len(CAPE_DEFAULT_BINS))
     width = max(bins)
     return TreePolicy("cape", (width,) * depth, (1,) * depth, bins)
 
 
 def make_policy(strategy: str, num_draft_tokens: int, tree_widths=None, cape_bins=None) -> TreePolicy:
-    """The policy for a `draft_strategy` name (`"chain"`, `"tree"`, `"cape"`)."""
+    """The policy for a `draft_strategy` name (`"chain"`, `"tree"`, `"cape"`); refuses arguments the strategy does
+    not read (`tree_widths` outside `"tree"`, `cape_bins` outside `"cape"`)."""
+    if tree_widths is not None and strategy != "tree":
+        raise GlideConfigError(f"`tree_widths` applies to `draft_strategy='tree'`, not {strategy!r}.")
+    if cape_bins is not None and strategy != "cape":
+        raise GlideConfigError(f"`cape_bins` applies to `draft_strategy='cape'`, not {strategy!r}.")
     if strategy == "chain":
         return chain(num_draft_tokens)
     if strategy == "tree":
