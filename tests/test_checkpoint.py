@@ -184,6 +184,12 @@ def test_from_pretrained_with_target_model_shares_it_and_gives_identical_logits(
     assert torch.equal(logits_of(loaded), logits_of(saved_draft.draft))
 
 
+def test_from_pretrained_takes_the_target_as_a_path_too(saved_draft):
+    loaded = GlideForCausalLM.from_pretrained(saved_draft.path, target_model=Path(saved_draft.target_path)).eval()
+    assert loaded.target is not None and loaded.target.config.model_type == saved_draft.draft.target.config.model_type
+    assert torch.equal(logits_of(loaded), logits_of(saved_draft.draft))
+
+
 def test_auto_model_for_causal_lm_loads_draft_with_identical_logits(saved_draft):
     loaded = AutoModelForCausalLM.from_pretrained(saved_draft.path).eval()
     assert type(loaded) is GlideForCausalLM

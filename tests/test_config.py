@@ -1,10 +1,11 @@
 """GlideConfig: derived fields, validation, serialisation, registration."""
 
 import pytest
+import torch
 from test_modeling import build_draft, build_target
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
-from glide_hf import GlideConfig, GlideConfigError, TargetMismatchError
+from glide_hf import GlideConfig, GlideConfigError, GlideForCausalLM, TargetMismatchError, UnsupportedTargetError
 
 
 def llama_config(**overrides):
@@ -99,6 +100,42 @@ def test_target_kv_layer_out_of_range_is_rejected(layer):
 def test_non_positive_counts_are_rejected(field):
     with pytest.raises(GlideConfigError, match=field):
         GlideConfig(target_config=llama_config(), **{field: 0})
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sliding_window", True, "`sliding_window` must be an integer, got True"),
+        ("target_kv_layer", 1.0, "`target_kv_layer` must be an integer, got 1.0"),
+        ("intermediate_size", 2.5, "`intermediate_size` must be an integer, got 2.5"),
+        ("rms_norm_eps", -1.0, "`rms_norm_eps` must be a positive number"),
+        ("attention_dropout", 2, r"`attention_dropout` must be in \[0, 1\)"),
+        ("initializer_range", -1, "`initializer_range`"),
+        ("hidden_act", "nope", "`hidden_act='nope'` is not an activation"),
+    ],
+)
+def test_fields_of_the_wrong_type_or_range_are_rejected_before_they_reach_torch(field, value, message):
+    with pytest.raises(GlideConfigError, match=message):
+        GlideConfig(target_config=llama_config(), **{field: value})
+
+
+def test_a_target_config_without_rms_norm_is_refused_as_unsupported():
+    with pytest.raises(UnsupportedTargetError, match="has no `rms_norm_eps`"):
+        GlideConfig(target_config={"model_type": "bert"})
+
+
+def test_from_target_refuses_misspelt_fields_and_takes_dtype_names():
+    target = build_target()
+    with pytest.raises(
+        GlideConfigError, match="`sliding_windw` is not a `GlideConfig` field. Did you mean `sliding_window`"
+    ):
+        GlideForCausalLM.from_target(target, sliding_windw=4)
+    with pytest.raises(GlideConfigError, match="`dtype` must be a `torch.dtype` or its name"):
+        GlideForCausalLM.from_target(target, dtype="bfloat17")
+    with pytest.raises(UnsupportedTargetError, match="got `NoneType`"):
+        GlideForCausalLM.from_target(None)
+    draft = GlideForCausalLM.from_target(target, dtype="bfloat16", attn_implementation="eager", sliding_window=4)
+    assert draft.model.layer.mlp.up_proj.weight.dtype == torch.bfloat16 and draft.config.sliding_window == 4
 
 
 def test_unknown_loss_implementation_is_rejected():

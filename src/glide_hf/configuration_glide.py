@@ -17,6 +17,7 @@ import copy
 from typing import Literal
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
@@ -154,18 +155,39 @@ class GlideConfig(PreTrainedConfig):
         for name, value in target_shape(target).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.intermediate_size is None:
-            self.intermediate_size = target.intermediate_size
-        if self.max_position_embeddings is None:
-            self.max_position_embeddings = target.max_position_embeddings
-        if self.rms_norm_eps is None:
-            self.rms_norm_eps = target.rms_norm_eps
+        for name in ("intermediate_size", "max_position_embeddings", "rms_norm_eps"):
+            if getattr(self, name) is None:
+                if getattr(target, name, None) is None:
+                    raise UnsupportedTargetError(
+                        f"The target config (`model_type={target.model_type!r}`) has no `{name}`: GLIDE needs a "
+                        "decoder-only language model with RMSNorm and a rotary KV cache (Llama, Qwen2, Qwen3, "
+                        "Mistral)."
+                    )
+                setattr(self, name, getattr(target, name))
         if self.rope_parameters is None and getattr(target, "rope_parameters", None) is not None:
             self.rope_parameters = copy.deepcopy(target.rope_parameters)
 
     def check_fields(self) -> None:
         """Raise `GlideConfigError` for an invalid field and `TargetMismatchError` for a shape key that contradicts
         `target_config`."""
+        for name in ("sliding_window", "max_draft_lag", "num_draft_tokens", "target_kv_layer", "intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | None):
+                raise GlideConfigError(f"`{name}` must be an integer, got {value!r}.")
+        if self.rms_norm_eps is not None and not (
+            isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0
+        ):
+            raise GlideConfigError(f"`rms_norm_eps` must be a positive number, got {self.rms_norm_eps!r}.")
+        if not (isinstance(self.attention_dropout, (int, float)) and 0 <= self.attention_dropout < 1):
+            raise GlideConfigError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
+        if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range >= 0):
+            raise GlideConfigError(
+                f"`initializer_range` (the std of the initial weights) must be >= 0, got {self.initializer_range!r}."
+            )
+        if self.hidden_act not in ACT2FN:
+            raise GlideConfigError(
+                f"`hidden_act={self.hidden_act!r}` is not an activation Transformers knows (e.g. 'silu', 'gelu')."
+            )
         if not isinstance(self.sliding_window, int) or self.sliding_window < 1:
             raise GlideConfigError(
                 f"`sliding_window` must be a positive integer (the number of recent draft tokens the self-attention "

@@ -25,6 +25,7 @@ This file and its relative imports form the code that `trust_remote_code=True` l
 
 import contextlib
 import copy
+import difflib
 import os
 import tempfile
 import weakref
@@ -723,14 +724,15 @@ class GlidePreTrainedModel(PreTrainedModel):
         >>> draft = GlideForCausalLM.from_target("Qwen/Qwen2.5-7B-Instruct", target_kwargs={"dtype": "bfloat16"})
         ```
         """
-        if isinstance(target_model_or_name_or_path, str):
-            target = _load_target(target_model_or_name_or_path, target_kwargs)
-            name_or_path = target_model_or_name_or_path
+        _check_config_overrides(config_overrides)
+        dtype = _as_dtype(dtype)
+        if isinstance(target_model_or_name_or_path, (str, os.PathLike)):
+            target = _load_target(str(target_model_or_name_or_path), target_kwargs)
+            name_or_path = str(target_model_or_name_or_path)
         else:
-            target = target_model_or_name_or_path
-            name_or_path = target.config._name_or_path or None
+            target, name_or_path = target_model_or_name_or_path, None
         check_target_model(target)
-        config_overrides.setdefault("target_name_or_path", name_or_path)
+        config_overrides.setdefault("target_name_or_path", name_or_path or target.config._name_or_path or None)
         config = GlideConfig(target_config=target.config, **config_overrides)
         model = cls(config)
         # The draft lives where the target's embedding does (its first input), unless the target has no weights
@@ -751,14 +753,17 @@ class GlidePreTrainedModel(PreTrainedModel):
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a folder or Hub repo written by `save_pretrained`.
-            target_model (`PreTrainedModel`, *optional*): an already loaded target (shared, not copied). Without it,
-                `config.target_name_or_path` is loaded with `AutoModelForCausalLM.from_pretrained`.
+            target_model (`PreTrainedModel` or `str`, *optional*): an already loaded target (shared, not copied), or
+                a Hub id / local path to load it from with `target_kwargs`. Without it, `config.target_name_or_path`
+                is loaded with `AutoModelForCausalLM.from_pretrained`.
             target_kwargs (`dict`, *optional*): keyword arguments for loading the target (`dtype`, `device_map`...).
             kwargs: passed to `PreTrainedModel.from_pretrained` for the draft.
         """
         if "config" not in kwargs:
             _check_is_glide_checkpoint(pretrained_model_name_or_path, kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if isinstance(target_model, (str, os.PathLike)):
+            target_model = _load_target(str(target_model), target_kwargs)
         if target_model is None:
             if not model.config.target_name_or_path:
                 raise TargetNotFoundError(
@@ -773,6 +778,31 @@ class GlidePreTrainedModel(PreTrainedModel):
 
 # `save_pretrained(push_to_hub=True, ...)` keywords that concern the upload, not the files.
 _PUSH_ONLY_KWARGS = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
+
+
+# Keywords that `PreTrainedConfig` takes besides its fields.
+_CONFIG_INIT_KEYWORDS = frozenset({"attn_implementation", "experts_implementation", "output_attentions", "torch_dtype"})
+
+
+def _check_config_overrides(overrides: dict) -> None:
+    """`from_target`'s keywords must be `GlideConfig` fields: a misspelt one would otherwise be stored and ignored."""
+    known = {name for klass in GlideConfig.__mro__ for name in getattr(klass, "__annotations__", {})}
+    known |= _CONFIG_INIT_KEYWORDS
+    for name in overrides:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise GlideConfigError(f"`{name}` is not a `GlideConfig` field.{hint}")
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    """A `torch.dtype` from a dtype or its name (`"bfloat16"`, `"torch.float16"`)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None) if isinstance(dtype, str) else None
+    if not isinstance(resolved, torch.dtype):
+        raise GlideConfigError(f"`dtype` must be a `torch.dtype` or its name such as 'bfloat16', got {dtype!r}.")
+    return resolved
 
 
 def _draft_device(target: PreTrainedModel) -> torch.device | None:
