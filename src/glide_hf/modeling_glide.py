@@ -781,7 +781,9 @@ _PUSH_ONLY_KWARGS = ("repo_id", "commit_message", "commit_description", "private
 
 
 # Keywords that `PreTrainedConfig` takes besides its fields.
-_CONFIG_INIT_KEYWORDS = frozenset({"attn_implementation", "experts_implementation", "output_attentions", "torch_dtype"})
+_CONFIG_INIT_KEYWORDS = frozenset(
+    {"attn_implementation", "experts_implementation", "output_attentions", "torch_dtype"}
+)
 
 
 def _check_config_overrides(overrides: dict) -> None:
