@@ -131,6 +131,30 @@ def test_bench_rejects_unknown_method(bench_paths, capsys):
     assert "unknown method(s) beam" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--draft", "/nonexistent/draft"], "--draft /nonexistent/draft: no such folder"),
+        (["--target", "{empty}"], "this folder has no config.json"),
+        (["--draft", "{target}"], "holds a `model_type='llama'` config, not a GLIDE draft"),
+        (["--target", "{target}", "--methods", ","], "--methods names no method"),
+        (["--target", "{target}", "--max_prompt_tokens", "-2"], "--max-prompt-tokens must be at least 1"),
+        (["--target", "{target}", "--output_json", "{empty}"], "give a file path in an existing folder"),
+        (["--target", "{target}", "--plot", "{empty}/missing/plot.png"], "give a file path in an existing folder"),
+        (["--target", "{target}", "--device", "bogus"], "--device bogus"),
+    ],
+)
+def test_bench_refuses_bad_paths_and_values_before_loading_any_model(bench_paths, tmp_path, capsys, flags, message):
+    """Wrong paths, flags and output files are parser errors (status 2) up front, not a traceback after the run."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    flags = [flag.format(empty=empty, target=bench_paths["target"]) for flag in flags]
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", "--prompts", bench_paths["prompts"], *flags])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_bench_tokenizes_text_prompts_with_the_given_tokenizer(bench_paths, tmp_path):
     tokenizer_path = tmp_path / "tokenizer"
     build_byte_tokenizer().save_pretrained(tokenizer_path)

@@ -1170,6 +1170,8 @@ def parse_bench_args(argv: list[str], prog: str = "glide-hf bench") -> BenchArgu
         unknown = sorted(set(args.methods) - set(METHODS))
         if unknown:
             parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        if not args.methods:
+            parser.error(f"--methods names no method; choose from {', '.join(METHODS)}")
     else:
         args.methods = [
             method
@@ -1180,12 +1182,28 @@ def parse_bench_args(argv: list[str], prog: str = "glide-hf bench") -> BenchArgu
         parser.error(f"--draft is needed for {', '.join(sorted(DRAFT_METHODS.intersection(args.methods)))}")
     if not args.assistant and ASSISTANT_METHODS.intersection(args.methods):
         parser.error("--assistant (an independent draft model) is needed for independent_assisted")
+    for flag, path in (("--draft", args.draft), ("--assistant", args.assistant), ("--target", args.target)):
+        if path is not None:  # before any model loads: a wrong path fails here, not minutes later
+            model_type = _model_type_at(path, flag, parser)
+            if flag == "--draft" and model_type != GlideConfig.model_type:
+                parser.error(f"--draft {path} holds a `model_type={model_type!r}` config, not a GLIDE draft")
     if args.target is None:
         if args.draft is None:
             parser.error("give --target (or a --draft whose config names its target)")
         args.target = GlideConfig.from_pretrained(args.draft).target_name_or_path
         if not args.target:
             parser.error(f"the draft at {args.draft} names no target: give --target")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        parser.error("--max-prompt-tokens must be at least 1 (leave it out to keep whole prompts)")
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    for flag, path in (("--output-json", args.output_json), ("--plot", args.plot)):
+        if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
+            parser.error(f"{flag} {path}: give a file path in an existing folder (written after the run)")
     if any(t < 0 for t in args.temperature) or not args.temperature:
         parser.error("--temperature takes one or more values >= 0 (0 is greedy)")
     if args.num_prompts is not None and args.num_prompts < 1:
@@ -1193,6 +1211,22 @@ def parse_bench_args(argv: list[str], prog: str = "glide-hf bench") -> BenchArgu
     if args.max_new_tokens < 1 or args.workers < 0 or args.timing_prompts < 1 or args.batch_size < 1:
         parser.error("--max-new-tokens, --timing-prompts and --batch-size must be >= 1, --workers >= 0")
     return args
+
+
+def _model_type_at(path: str, flag: str, parser: HfArgumentParser) -> str | None:
+    """The `model_type` of the config at a local path or Hub id; a clean parser error when there is none."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            parser.error(f"{flag} {path}: this folder has no config.json (`save_pretrained` writes one)")
+    elif path.startswith((os.sep, ".", "~")) or os.path.exists(path):
+        parser.error(f"{flag} {path}: no such folder")
+    try:
+        config, _ = transformers.PreTrainedConfig.get_config_dict(path)
+    except OSError as error:
+        parser.error(f"{flag} {path}: no model config found ({str(error).splitlines()[0]})")
+    if not config:
+        parser.error(f"{flag} {path}: no model config found")
+    return config.get("model_type")
 
 
 def run_cli(argv: list[str], prog: str) -> int:
