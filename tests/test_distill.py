@@ -331,3 +331,25 @@ def test_cli_rejects_temperature_without_sampling(target_dir, tmp_path, capsys):
         cli_main(argv)
     assert exit_info.value.code == 2
     assert "--do-sample" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--output", "{folder}"], "is a folder: give the JSONL file"), (["--device", "bogus"], "--device bogus")],
+)
+def test_cli_rejects_an_output_folder_and_an_unknown_device(target_dir, tmp_path, capsys, flags, message):
+    argv = ["distill-data", "--target", target_dir, "--data", "x.jsonl", "--output", "y.jsonl"]
+    argv += [flag.format(folder=tmp_path) for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_reports_a_missing_tokenizer_in_one_line_and_exits_1(target_dir, tmp_path, capsys):
+    """An OSError from loading (a path that does not exist) is one line with the command's name, not a traceback."""
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    argv = ["distill-data", "--target", target_dir, "--data", data, "--output", str(tmp_path / "out.jsonl")]
+    assert cli_main([*argv, "--tokenizer", str(tmp_path / "no-tokenizer")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("glide-hf distill-data: error: ") and "Traceback" not in error

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except GlideError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a path that does not exist or cannot be written, a model or tokenizer not found
+        print(f"{prog}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
 
 __all__ = ["cli_logging", "main"]

@@ -689,6 +689,13 @@ def parse_distill_args(argv: list[str], prog: str = "glide-hf distill-data") -> 
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     if args.do_sample is False and (args.temperature is not None or args.top_p is not None):
         parser.error("--temperature and --top-p apply to sampling: add --do-sample")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError as error:
+            parser.error(f"--device {args.device}: {error}")
+    if os.path.isdir(args.output):
+        parser.error(f"--output {args.output} is a folder: give the JSONL file to write")
     return args
 
 
