@@ -69,12 +69,25 @@ def test_the_draft_vocabulary_is_saved_and_loaded(tmp_path):
 
 @pytest.mark.parametrize(
     ("token_ids", "message"),
-    [([], "non-empty"), ([[1, 2]], "1-D"), ([1.5], "integer"), ([3, 3], "repeated"), ([VOCAB], "must lie in")],
+    [
+        ([], "is empty"),
+        (torch.tensor([], dtype=torch.long), "non-empty"),
+        ([[1, 2]], "1-D"),
+        ([1.5], "integer"),
+        ([3, 3], "repeated"),
+        ([VOCAB], "must lie in"),
+    ],
 )
 def test_bad_draft_vocabularies_are_rejected(token_ids, message):
     draft = build_draft(build_target())
     with pytest.raises(GlideConfigError, match=message):
         draft.set_draft_vocabulary(token_ids)
+
+
+def test_any_iterable_of_ids_sets_the_draft_vocabulary():
+    draft = build_draft(build_target())
+    for token_ids in ({9, 1, 5}, range(1, 10, 4), (i for i in (5, 1, 9))):
+        assert draft.set_draft_vocabulary(token_ids).draft_vocab_ids.tolist() == [1, 5, 9]
 
 
 def test_a_tree_wider_than_the_draft_vocabulary_is_rejected():

@@ -306,6 +306,19 @@ def test_stopping_criteria_as_a_plain_list_and_max_time_are_honoured():
     assert timed_out.shape[1] == 7  # the first round's first new token, then the time is up
 
 
+@pytest.mark.parametrize("result", ["one too many", "floats", "none"])
+def test_a_stopping_criterion_of_the_wrong_shape_gets_a_typed_error(result):
+    draft = build_draft(build_target())
+
+    class Wrong(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            rows = input_ids.shape[0]
+            return {"one too many": torch.zeros(rows + 1, dtype=torch.bool), "floats": torch.zeros(rows)}.get(result)
+
+    with pytest.raises(UnsupportedGenerationError, match="stopping criterion"):
+        draft.generate(random_ids(2, 6), max_new_tokens=6, stopping_criteria=[Wrong()])
+
+
 def test_models_and_inputs_on_different_devices_get_a_clear_error():
     """The engine's caches, masks and graphs live on one device. A target spread over devices (here one layer on
     `meta`, as offloading leaves it), or inputs elsewhere than the models, are refused before any computation with

@@ -1035,8 +1035,20 @@ def _stop_where_criteria_are_met(call: _Call, rows: _Rows, output: torch.Tensor,
 def _stopping_criteria_met(call: _Call, rows: _Rows, output: torch.Tensor) -> torch.Tensor:
     # Checked once per round on the prompt and the tokens so far (rows padded to the longest).
     sequences = torch.cat([call.prompts[rows.index], output[rows.index, : int(rows.generated.max())]], dim=1)
-    met = call.stopping_criteria(sequences, None)
-    return torch.as_tensor(met, device=rows.generated.device).reshape(-1).bool()
+    try:
+        met = call.stopping_criteria(sequences, None)
+    except (RuntimeError, TypeError, ValueError) as error:  # e.g. a criterion's result of another shape
+        raise UnsupportedGenerationError(
+            f"A stopping criterion failed on the engine's sequences `[{sequences.shape[0]}, {sequences.shape[1]}]` "
+            f"(each row: its prompt and the tokens so far): {error}"
+        ) from error
+    met = torch.as_tensor(met, device=rows.generated.device).reshape(-1) if met is not None else None
+    if met is None or met.numel() not in (1, sequences.shape[0]) or met.is_floating_point():
+        raise UnsupportedGenerationError(
+            "A stopping criterion must return one bool per row (a `[batch]` bool tensor, as Transformers' "
+            f"`StoppingCriteria` do), got {met if met is None else tuple(met.shape)} for {sequences.shape[0]} rows."
+        )
+    return met.bool().expand(sequences.shape[0])
 
 
 def _drop(call: _Call, rows: _Rows, finished: torch.Tensor, any_finished: bool | None = None) -> bool:

@@ -1104,6 +1104,10 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             self.draft_vocab_ids = None
             self.config.draft_vocab_size = None
             return self
+        if not isinstance(token_ids, torch.Tensor):
+            token_ids = list(token_ids)  # a set, range or generator too
+            if not token_ids:
+                raise GlideConfigError("`token_ids` is empty: give at least one token id, or None for all of them.")
         ids = torch.as_tensor(token_ids)
         vocab_size = self.config.vocab_size
         if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
