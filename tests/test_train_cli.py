@@ -116,6 +116,15 @@ def test_cli_dry_run_prints_the_config_and_trains_nothing(target_dir, tmp_path, 
     assert not output_dir.exists()
 
 
+def test_cli_reports_an_unknown_attention_backend_in_one_line(target_dir, tmp_path, capsys):
+    status = main(
+        ["train", *cli_flags(target_dir, tmp_path / "out", "--max_steps", "1", "--attn_implementation", "bogus")]
+    )
+    error = capsys.readouterr().err
+    assert status == 1
+    assert error.startswith("glide-hf train: error: `--attn_implementation bogus` cannot load the target")
+
+
 def test_cli_reads_a_config_file_and_later_flags_override_it(target_dir, tmp_path, capsys):
     config_file = tmp_path / "stage.yaml"
     config_file.write_text(

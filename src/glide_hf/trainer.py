@@ -228,6 +228,12 @@ def load_target(glide_args: GlideTrainingArguments, training_args: TrainingArgum
         target = AutoModelForCausalLM.from_pretrained(glide_args.target, **target_kwargs)
     except OSError as error:
         raise TargetNotFoundError(f"The target `{glide_args.target}` could not be loaded: {error}") from error
+    except (ValueError, ImportError) as error:
+        if glide_args.attn_implementation is None:
+            raise
+        raise GlideConfigError(
+            f"`--attn_implementation {glide_args.attn_implementation}` cannot load the target: {error}"
+        ) from error
     return target.eval()
 
 
