@@ -24,10 +24,21 @@ import torch
 
 from .errors import GlideConfigError
 
-__all__ = ["CAPE_DEFAULT_BINS", "DraftTree", "TreePolicy", "cape", "chain", "make_policy", "static_tree"]
+__all__ = [
+    "CAPE_DEFAULT_BINS",
+    "TREE_DEFAULT_WIDTHS",
+    "DraftTree",
+    "TreePolicy",
+    "cape",
+    "chain",
+    "make_policy",
+    "static_tree",
+]
 
 # GLIDE's `cape.sh` default: p_top1 < 0.3 -> 8 candidates, < 0.6 -> 6, < 0.8 -> 4, else 2 (index = floor(10 * p)).
 CAPE_DEFAULT_BINS = (8, 8, 8, 6, 6, 6, 4, 4, 2, 2, 2)
+# LongSpec's default tree: 4 candidates at the first level, 16 at each of the next four.
+TREE_DEFAULT_WIDTHS = (4, 16, 16, 16, 16)
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,8 @@ def cape(depth: int, bins: tuple[int, ...] | list[int] = CAPE_DEFAULT_BINS) -> T
 def make_policy(strategy: str, num_draft_tokens: int, tree_widths=None, cape_bins=None) -> TreePolicy:
     """The policy for a `draft_strategy` name (`"chain"`, `"tree"`, `"cape"`); refuses arguments the strategy does
     not read (`tree_widths` outside `"tree"`, `cape_bins` outside `"cape"`)."""
+    if strategy not in ("chain", "tree", "cape"):
+        raise GlideConfigError(f"Unknown `draft_strategy={strategy!r}`: expected 'chain', 'tree' or 'cape'.")
     if tree_widths is not None and strategy != "tree":
         raise GlideConfigError(f"`tree_widths` applies to `draft_strategy='tree'`, not {strategy!r}.")
     if cape_bins is not None and strategy != "cape":
@@ -133,10 +146,8 @@ def make_policy(strategy: str, num_draft_tokens: int, tree_widths=None, cape_bin
     if strategy == "chain":
         return chain(num_draft_tokens)
     if strategy == "tree":
-        return static_tree(tree_widths if tree_widths is not None else (4, 16, 16, 16, 16))
-    if strategy == "cape":
-        return cape(num_draft_tokens, cape_bins if cape_bins is not None else CAPE_DEFAULT_BINS)
-    raise GlideConfigError(f"Unknown `draft_strategy={strategy!r}`: expected 'chain', 'tree' or 'cape'.")
+        return static_tree(tree_widths if tree_widths is not None else TREE_DEFAULT_WIDTHS)
+    return cape(num_draft_tokens, cape_bins if cape_bins is not None else CAPE_DEFAULT_BINS)
 
 
 @dataclass
