@@ -238,3 +238,42 @@ def test_resume_reproduces_an_uninterrupted_run(target_dir, tmp_path):
     # only absorbs summation-order noise, were a kernel to pick another blocking.
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+# --- what a run must not destroy ------------------------------------------------------------------------------------
+
+
+def test_cli_refuses_the_target_folder_as_output_dir(target_dir, tmp_path, capsys):
+    files_before = sorted(path.name for path in Path(target_dir).iterdir())
+    flags = cli_flags(target_dir, Path(target_dir), "--max-steps", "1")
+    flags[flags.index("--data-cache-dir") + 1] = str(tmp_path / "data_cache")
+    assert main(["train", *flags]) == 1
+    assert "is the `target` folder" in capsys.readouterr().err
+    assert sorted(path.name for path in Path(target_dir).iterdir()) == files_before
+
+
+def test_cli_refuses_to_start_a_new_run_over_an_earlier_one_unless_told(cli_run, target_dir, tmp_path, capsys):
+    """A folder with checkpoints or a saved draft is continued with `--resume` or replaced with
+    `--overwrite-output-dir`; without either, nothing in it is touched."""
+    _, trained_dir, _ = cli_run
+    earlier = tmp_path / "earlier"
+    shutil.copytree(trained_dir, earlier)
+    weights_before = (earlier / "model.safetensors").read_bytes()
+    assert main(["train", *cli_flags(target_dir, earlier, "--max-steps", "1")]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (earlier / "model.safetensors").read_bytes() == weights_before
+    assert main(["train", *cli_flags(target_dir, earlier, "--max-steps", "1", "--overwrite-output-dir")]) == 0
+    assert (earlier / "model.safetensors").read_bytes() != weights_before
+
+
+def test_cli_refuses_to_resume_from_a_checkpoint_without_optimizer_state(cli_run, target_dir, tmp_path, capsys):
+    """A checkpoint without its optimizer (`--save-only-model`, or cut short) would restart warm-up and the
+    optimizer: refused, with the way to continue from its weights."""
+    _, trained_dir, _ = cli_run
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(trained_dir / "checkpoint-2", checkpoint)
+    (checkpoint / "optimizer.pt").unlink()
+    flags = cli_flags(target_dir, tmp_path / "out", "--max-steps", "4", "--resume-from-checkpoint", str(checkpoint))
+    assert main(["train", *flags]) == 1
+    error = capsys.readouterr().err
+    assert "lacks the optimizer state" in error and "--init-draft" in error

@@ -159,6 +159,13 @@ class GlideTrainingArguments:
         default=False,
         metadata={"help": "Resume from the last checkpoint in `output_dir` if there is one (else start afresh)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an `output_dir` that already holds one (its checkpoints or a saved draft), "
+            "replacing it. Without it, such a folder is refused unless resuming."
+        },
+    )
     acceptance_eval_prompts: int = field(
         default=8,
         metadata={
@@ -685,10 +692,58 @@ def build_glide_trainer(glide_args: GlideTrainingArguments, training_args: Train
     return trainer
 
 
+def check_output_dir(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> None:
+    """Refuse an `output_dir` whose contents a new run would destroy: the target's, the tokenizer's or the
+    `init_draft`'s folder, or a folder holding an earlier run (its checkpoints or a saved draft) when neither resuming
+    nor `overwrite_output_dir`."""
+    output_dir = training_args.output_dir
+    if not output_dir or not os.path.isdir(output_dir):
+        return
+    for name in ("target", "tokenizer", "init_draft"):
+        source = getattr(glide_args, name)
+        if source and os.path.isdir(source) and os.path.samefile(source, output_dir):
+            raise GlideConfigError(
+                f"`output_dir` {output_dir} is the `{name}` folder: the run would overwrite it. Give another "
+                "`--output-dir`."
+            )
+    resuming = glide_args.resume or training_args.resume_from_checkpoint
+    holds_run = get_last_checkpoint(output_dir) is not None or any(
+        os.path.exists(os.path.join(output_dir, name)) for name in ("model.safetensors", "adapter_model.safetensors")
+    )
+    if holds_run and not resuming and not glide_args.overwrite_output_dir:
+        raise GlideConfigError(
+            f"`output_dir` {output_dir} already holds a run (checkpoints or a saved draft). Pass `--resume` to "
+            "continue it, `--overwrite-output-dir` to replace it, or another `--output-dir`."
+        )
+
+
+def _check_resumable(checkpoint: str) -> None:
+    """Raise `GlideConfigError` unless `checkpoint` holds the weights, optimizer, scheduler and trainer state that
+    resuming reads (a `--save-only-model` or damaged checkpoint would otherwise restart warm-up and the optimizer)."""
+    if not os.path.isdir(checkpoint):
+        raise GlideConfigError(f"The checkpoint to resume from, {checkpoint}, is not a folder.")
+    names = set(os.listdir(checkpoint))
+    # DeepSpeed's engine checkpoint (`latest`, `global_step*/`) holds the optimizer, and its own scheduler.
+    deepspeed = any(name == "latest" or name.startswith("global_step") for name in names)
+    required = [TRAINER_STATE_NAME] if deepspeed else [TRAINER_STATE_NAME, SCHEDULER_NAME]
+    missing = [name for name in required if name not in names]
+    # The Trainer's own optimizer is one file, FSDP's a folder `optimizer_0`.
+    if not deepspeed and not any(name.startswith("optimizer") for name in names):
+        missing.append("the optimizer state (optimizer.pt)")
+    if missing:
+        raise GlideConfigError(
+            f"The checkpoint {checkpoint} lacks {', '.join(missing)}: resuming would restart the optimizer and the "
+            "learning-rate schedule. It may have been saved with `--save-only-model` or cut short. To train on from "
+            "its weights as a new stage, pass `--init-draft` with it (and no `--resume`)."
+        )
+
+
 def resolve_checkpoint(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> str | None:
     """The checkpoint to resume from: `training_args.resume_from_checkpoint`, or with `resume` the last
-    `checkpoint-*` folder in `output_dir` (None, and a fresh start, when there is none)."""
+    `checkpoint-*` folder in `output_dir` (None, and a fresh start, when there is none). A checkpoint without its
+    optimizer and scheduler state is refused."""
     if training_args.resume_from_checkpoint:
+        _check_resumable(training_args.resume_from_checkpoint)
         return training_args.resume_from_checkpoint
     if not glide_args.resume:
         return None
@@ -697,6 +752,7 @@ def resolve_checkpoint(glide_args: GlideTrainingArguments, training_args: Traini
     if checkpoint is None:
         logger.info(f"`resume`: no checkpoint in `{output_dir}`, starting a new run.")
     else:
+        _check_resumable(checkpoint)
         logger.info(f"Resuming from `{checkpoint}`.")
     return checkpoint
 
@@ -743,8 +799,9 @@ def train_glide(glide_args: GlideTrainingArguments, training_args: TrainingArgum
     >>> draft = train_glide(glide_args, training_args)
     ```
     """
-    trainer = build_glide_trainer(glide_args, training_args)
+    check_output_dir(glide_args, training_args)
     checkpoint = resolve_checkpoint(glide_args, training_args)
+    trainer = build_glide_trainer(glide_args, training_args)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
