@@ -120,6 +120,29 @@ def test_target_modules_cannot_be_overridden():
         glide_lora_config(target_modules=["q_proj", "v_proj"])
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bias="all"), "`bias='all'` trains every bias"),
+        (dict(target_parameters=["model.target.model.layers.0.mlp.up_proj.weight"]), "`target_parameters`"),
+        (dict(trainable_token_indices=[1, 2]), "`trainable_token_indices`"),
+        (dict(layers_to_transform=[0]), "`layers_to_transform`"),
+        (dict(r=0), "rank `r` must be a positive integer"),
+    ],
+)
+def test_settings_that_would_reach_the_frozen_target_are_rejected(kwargs, message):
+    with pytest.raises(PeftConfigError, match=message):
+        glide_lora_config(**kwargs)
+
+
+def test_lora_only_bias_trains_no_target_parameter(make_target, make_draft):
+    from peft import get_peft_model
+
+    peft_draft = get_peft_model(make_draft(make_target("qwen2")), glide_lora_config(bias="lora_only"))
+    trainable = [name for name, parameter in peft_draft.named_parameters() if parameter.requires_grad]
+    assert trainable and not any(".target." in name for name in trainable)
+
+
 def test_modules_to_save_may_name_draft_layer_norms_only(make_target, make_draft):
     with pytest.raises(PeftConfigError, match="'norm' is not a norm of the draft layer"):
         glide_lora_config(modules_to_save=["norm"])

@@ -93,6 +93,10 @@ def _draft_modules_to_save(names: Iterable[str]) -> list[str]:
     return resolved
 
 
+# `LoraConfig` fields that name or select modules outside `target_modules` (so possibly the target's).
+_TARGET_REACHING_FIELDS = ("target_parameters", "trainable_token_indices", "layers_to_transform", "layers_pattern")
+
+
 def glide_lora_config(
     r: int = 16,
     lora_alpha: int = 32,
@@ -117,8 +121,10 @@ def glide_lora_config(
 
     Raises:
         `ImportError`: peft is not installed (`pip install "glide-hf[train]"`).
-        `PeftConfigError`: an unknown module group, `target_modules` in `lora_kwargs`, or a `modules_to_save` entry
-            that would reach the target.
+        `PeftConfigError`: an unknown module group, `target_modules` in `lora_kwargs`, a `modules_to_save` entry
+            that would reach the target, `bias` other than "none" / "lora_only", a field that selects modules
+            outside the draft layer (`target_parameters`, `trainable_token_indices`, `layers_to_transform`), or a
+            rank below 1.
 
     Example:
 
@@ -140,6 +146,20 @@ def glide_lora_config(
             "`target_modules` is set by `glide_lora_config` (a pattern that matches the draft layer only); choose "
             f"the adapted groups with `modules` (from {sorted(DRAFT_LORA_MODULES)}) instead."
         )
+    # PEFT applies these by name or to every module of the model, the frozen target included.
+    reaching_the_target = [name for name in _TARGET_REACHING_FIELDS if lora_kwargs.get(name)]
+    if reaching_the_target:
+        raise PeftConfigError(
+            f"`{reaching_the_target[0]}` would make parts of the frozen target trainable or adapt them: "
+            "`glide_lora_config` adapts the draft layer only (choose its groups with `modules`)."
+        )
+    if lora_kwargs.get("bias", "none") not in ("none", "lora_only"):
+        raise PeftConfigError(
+            f"`bias={lora_kwargs['bias']!r}` trains every bias of the model, the frozen target's included: use "
+            "'none' or 'lora_only'."
+        )
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise PeftConfigError(f"The LoRA rank `r` must be a positive integer, got {r!r}.")
     pattern = draft_lora_target_pattern(modules)
     if lora_kwargs.get("modules_to_save"):
         lora_kwargs["modules_to_save"] = _draft_modules_to_save(lora_kwargs["modules_to_save"])
