@@ -22,6 +22,7 @@ from safetensors.torch import load as load_safetensors
 from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from glide_hf import (
+    CheckpointFormatError,
     GlideConfigError,
     GlideForCausalLM,
     GlideModel,
@@ -188,6 +189,21 @@ def test_from_pretrained_takes_the_target_as_a_path_too(saved_draft):
     loaded = GlideForCausalLM.from_pretrained(saved_draft.path, target_model=Path(saved_draft.target_path)).eval()
     assert loaded.target is not None and loaded.target.config.model_type == saved_draft.draft.target.config.model_type
     assert torch.equal(logits_of(loaded), logits_of(saved_draft.draft))
+
+
+def test_a_checkpoint_missing_draft_tensors_is_refused_not_filled_with_random_values(saved_draft, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(saved_draft.path, incomplete)
+    tensors = load_file(incomplete / "model.safetensors")
+    save_file(
+        {name: value for name, value in tensors.items() if ".mlp." not in name}, incomplete / "model.safetensors"
+    )
+    with pytest.raises(CheckpointFormatError, match=r"lacks 3 of the draft's tensors \(e.g. \['model.layer.mlp"):
+        GlideForCausalLM.from_pretrained(incomplete)
+    model, info = GlideForCausalLM.from_pretrained(saved_draft.path, output_loading_info=True)
+    assert isinstance(model, GlideForCausalLM) and not [key for key in info["missing_keys"] if "target" not in key]
 
 
 def test_auto_model_for_causal_lm_loads_draft_with_identical_logits(saved_draft):

@@ -55,7 +55,7 @@ class ChatTemplateError(GlideError, ValueError):
 
 
 class CheckpointFormatError(GlideError, ValueError):
-    """A checkpoint to convert is not in the expected format (file type, tensor names, dtypes)."""
+    """A checkpoint to load or convert is not in the expected format (file type, tensor names, dtypes)."""
 
 
 class PeftConfigError(GlideError, ValueError):

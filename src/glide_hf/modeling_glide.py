@@ -47,6 +47,7 @@ from .configuration_glide import GlideConfig, check_target_compatibility
 from .engine import glide_generate
 from .errors import (
     CacheStateError,
+    CheckpointFormatError,
     GlideConfigError,
     TargetNotAttachedError,
     TargetNotFoundError,
@@ -761,7 +762,18 @@ class GlidePreTrainedModel(PreTrainedModel):
         """
         if "config" not in kwargs:
             _check_is_glide_checkpoint(pretrained_model_name_or_path, kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        # The checkpoint holds the draft alone: any draft tensor missing from it would start from random values.
+        missing = [name for name in loading_info.get("missing_keys", ()) if not _is_target_key(name)]
+        if missing:
+            raise CheckpointFormatError(
+                f"The GLIDE checkpoint at `{pretrained_model_name_or_path}` lacks {len(missing)} of the draft's "
+                f"tensors (e.g. {sorted(missing)[:3]}), which would start from random values: it is incomplete or "
+                "not a GLIDE draft's `save_pretrained` output."
+            )
         if isinstance(target_model, (str, os.PathLike)):
             target_model = _load_target(str(target_model), target_kwargs)
         if target_model is None:
@@ -773,7 +785,8 @@ class GlidePreTrainedModel(PreTrainedModel):
             target_model = _load_target(model.config.target_name_or_path, target_kwargs)
         if "device_map" not in kwargs:
             model = model.to(_draft_device(target_model))
-        return model.attach_target(target_model)
+        model = model.attach_target(target_model)
+        return (model, loading_info) if wants_loading_info else model
 
 
 # `save_pretrained(push_to_hub=True, ...)` keywords that concern the upload, not the files.
