@@ -642,6 +642,23 @@ def test_cli_refuses_to_write_into_the_checkpoint_folder(make_target, tiny_llama
     assert "would overwrite the LongSpec files" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("output", ["target", "existing draft"])
+def test_cli_refuses_to_overwrite_the_target_or_a_saved_model(output, make_target, tiny_llama_path, tmp_path, capsys):
+    target = make_target("llama")
+    checkpoint = write_checkpoint(tmp_path / "longspec", random_longspec_weights(target.config), target.config)
+    folder = Path(tiny_llama_path) if output == "target" else tmp_path / "draft"
+    if output == "existing draft":
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    files_before = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    argv = ["convert-longspec", "--checkpoint", str(checkpoint), "--target", tiny_llama_path, "--output", str(folder)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    assert ("is the --target folder" if output == "target" else "already holds a model") in capsys.readouterr().err
+    assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == files_before
+
+
 def test_cli_requires_a_target(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["convert-longspec", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "out")])

@@ -495,6 +495,13 @@ def run_cli(argv: list[str], prog: str) -> int:
             )
     if output.is_file():
         parser.error(f"--output {args.output} is a file; pass a folder (it is created if missing).")
+    if Path(args.target).is_dir() and Path(args.target).resolve() == output:
+        parser.error(f"--output {args.output} is the --target folder: saving there would overwrite the target.")
+    if output.is_dir() and any((output / name).exists() for name in ("config.json", "model.safetensors")):
+        parser.error(
+            f"--output {args.output} already holds a model (config.json or model.safetensors): choose an empty or "
+            "new folder, so that nothing saved there is overwritten."
+        )
 
     # The conversion needs the target's config and module layout only, so its weights go to the meta device as they
     # are read: converting a one-layer draft never holds a 32B target in memory.
