@@ -292,6 +292,22 @@ def test_packing_fills_rows_with_the_sample_stream(tokenizer, write_jsonl, load)
     assert sum(packed["labels"], []) == stream
 
 
+def test_packing_keeps_samples_longer_than_a_row_whole(tokenizer, write_jsonl, tmp_path):
+    """With packing, a sample longer than `max_length` spans several rows instead of being truncated first: every
+    token of every sample is in the packed rows, in order."""
+    texts = ["a" * 30, "b" * 5, "c" * 19]
+    path = write_jsonl([{"text": text} for text in texts])
+    data = prepare_data(path, tokenizer, max_length=8, packing=True, cache_dir=str(tmp_path / "cache"))
+    stream = sum((byte_ids(tokenizer, text) + [EOS_ID] for text in texts), [])
+    assert all(len(row) <= 8 for row in data.train_dataset["input_ids"])
+    packed = sum(data.train_dataset["input_ids"], [])
+    # A last row holding only the final separator has nothing to train on and is dropped.
+    assert packed == stream[: len(packed)] and stream[len(packed) :] in ([], [EOS_ID])
+    assert data.train_stats.num_overflowing == 0 and data.train_stats.num_tokens == len(stream)
+    unpacked = prepare_data(path, tokenizer, max_length=8, cache_dir=str(tmp_path / "cache"))
+    assert unpacked.train_stats.num_overflowing == 2  # without packing: the a and c samples are truncated
+
+
 def test_packing_separates_samples_with_an_untrained_eos(tokenizer, write_jsonl, load):
     rows, _ = encode(tokenizer, load, write_jsonl([{"messages": CONVERSATION[1:3]}] * 2))
     packed = pack_rows(rows, max_length=1000, eos_token_id=EOS_ID)

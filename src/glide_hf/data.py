@@ -15,8 +15,9 @@ Pipeline (`prepare_data` runs it end to end; each step is also a public function
    ranks reuse what rank 0 wrote.
 2. `tokenize_records`: token ids and labels (`-100` where no loss is wanted) with the target's tokenizer; samples
    over `max_length` are truncated or dropped (`overflow`), samples left without a trainable token are dropped;
-   both are counted and logged (`TokenizationStats`).
-3. `pack_rows` (optional): samples are concatenated into rows of exactly `max_length` tokens.
+   both are counted and logged (`TokenizationStats`). With packing, samples are kept whole instead.
+3. `pack_rows` (optional): samples are concatenated into rows of exactly `max_length` tokens (a long sample spans
+   several rows; nothing is truncated).
 4. `GlideDataCollator`: right padding, and LongSpec's Anchor-Offset `position_ids` when enabled.
 
 Chat masking. Loss positions are the characters of each assistant turn as the chat template renders it: the text
@@ -445,7 +446,7 @@ class _Encoder:
 
     tokenizer: Any
     data_format: str
-    max_length: int
+    max_length: int | None  # None: samples are kept whole (packing)
     use_generation_mask: bool = False
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -458,7 +459,8 @@ class _Encoder:
         out = {"input_ids": [], "labels": [], "num_tokens": [], "num_label_tokens": [], "num_untrained_turns": []}
         for ids, labels, untrained in encoded:
             out["num_tokens"].append(len(ids))
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if self.max_length is not None:  # None when packing: `pack_rows` cuts the stream into rows instead
+                ids, labels = ids[: self.max_length], labels[: self.max_length]
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             # labels[0] is never a prediction target: position t predicts labels[t + 1].
@@ -538,6 +540,7 @@ def tokenize_records(
     max_length: int,
     overflow: OverflowPolicy = "truncate",
     num_proc: int | None = None,
+    keep_whole: bool = False,
 ):
     """Tokenize records from `load_records` into `input_ids` and `labels` rows.
 
@@ -548,6 +551,8 @@ def tokenize_records(
         max_length (`int`): longest sample kept, in tokens.
         overflow (`str`): `"truncate"` longer samples to `max_length`, or `"drop"` them.
         num_proc (`int`, *optional*): worker processes for `datasets.map`.
+        keep_whole (`bool`, *optional*): keep every sample whole, whatever its length (for packing: `pack_rows`
+            then cuts the stream of samples into rows of `max_length`, so no token is lost); `overflow` is unused.
 
     Returns:
         `(datasets.Dataset, TokenizationStats)`: rows with `input_ids` and `labels` (lists of ints, `-100` where no
@@ -571,7 +576,7 @@ def tokenize_records(
                 f"Chat data needs a fast tokenizer (character offsets locate the assistant turns), but "
                 f"`{tokenizer.name_or_path}` is a slow one. Load it with `use_fast=True`."
             )
-    encoder = _Encoder(tokenizer, data_format, max_length, use_generation_mask)
+    encoder = _Encoder(tokenizer, data_format, None if keep_whole else max_length, use_generation_mask)
     encoded = records.map(
         encoder,
         batched=True,
@@ -583,7 +588,7 @@ def tokenize_records(
     counts = encoded.select_columns(["num_tokens", "num_label_tokens", "num_untrained_turns"]).with_format("numpy")
     num_tokens = np.asarray(counts["num_tokens"])
     num_label_tokens = np.asarray(counts["num_label_tokens"])
-    overflowing = num_tokens > max_length
+    overflowing = (num_tokens > max_length) & (not keep_whole)
     keep = num_label_tokens > 0
     if overflow == "drop":
         keep &= ~overflowing
@@ -596,7 +601,7 @@ def tokenize_records(
         num_without_labels=int((num_label_tokens == 0).sum()),
         num_untrained_turns=int(np.asarray(counts["num_untrained_turns"]).sum()),
         num_kept=len(kept_indices),
-        num_tokens=int(np.minimum(num_tokens, max_length)[kept_indices].sum()),
+        num_tokens=int((num_tokens if keep_whole else np.minimum(num_tokens, max_length))[kept_indices].sum()),
     )
     logger.info(stats.summary())
     if stats.num_overflowing:
@@ -824,11 +829,14 @@ def prepare_data(
     if not 0.0 <= eval_split_fraction < 1.0:
         raise DataFormatError(f"`eval_split_fraction` must be in [0, 1), got {eval_split_fraction}.")
     records, data_format = load_records(paths, data_format, skip_bad_lines, cache_dir)
-    train, train_stats = tokenize_records(records, tokenizer, data_format, max_length, overflow, num_proc)
+    # Packed samples stay whole: `pack_rows` cuts the stream into rows, so a long document is not truncated.
+    train, train_stats = tokenize_records(records, tokenizer, data_format, max_length, overflow, num_proc, packing)
     evaluation, eval_stats = None, None
     if eval_paths:
         eval_records, _ = load_records(eval_paths, data_format, skip_bad_lines, cache_dir)
-        evaluation, eval_stats = tokenize_records(eval_records, tokenizer, data_format, max_length, overflow, num_proc)
+        evaluation, eval_stats = tokenize_records(
+            eval_records, tokenizer, data_format, max_length, overflow, num_proc, packing
+        )
     elif eval_split_fraction:
         num_eval = max(1, round(eval_split_fraction * len(train)))
         if num_eval >= len(train):
