@@ -277,3 +277,27 @@ def test_cli_refuses_to_resume_from_a_checkpoint_without_optimizer_state(cli_run
     assert main(["train", *flags]) == 1
     error = capsys.readouterr().err
     assert "lacks the optimizer state" in error and "--init-draft" in error
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--acceptance-eval-prompt-length", "0"], "`acceptance_eval_prompt_length` must be >= 1"),
+        (["--max-steps", "-1", "--num-train-epochs", "0"], "nothing to train"),
+        (["--max-steps", "3", "--save-steps", "0"], "`--save-steps` must be positive"),
+    ],
+)
+def test_cli_refuses_values_that_would_crash_later_or_train_nothing(target_dir, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as raised:
+        main(["train", *cli_flags(target_dir, tmp_path / "out", *extra, "--dry-run")])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_reports_a_broken_yaml_config_file_as_a_parser_error(tmp_path, capsys):
+    config_file = tmp_path / "stage.yaml"
+    config_file.write_text("target: [unclosed\n")
+    with pytest.raises(SystemExit) as raised:
+        main(["train", str(config_file)])
+    assert raised.value.code == 2
+    assert f"cannot read the config file {config_file}" in capsys.readouterr().err

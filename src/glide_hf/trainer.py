@@ -199,9 +199,11 @@ class GlideTrainingArguments:
             raise GlideConfigError(f"`num_anchors` must be >= 0, got {self.num_anchors}.")
         if self.max_position_offset is not None and self.max_position_offset < 0:
             raise GlideConfigError(f"`max_position_offset` must be >= 0, got {self.max_position_offset}.")
-        for name in ("acceptance_eval_prompts", "acceptance_eval_prompt_length", "acceptance_eval_max_new_tokens"):
-            if getattr(self, name) < 0:
-                raise GlideConfigError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.acceptance_eval_prompts < 0:
+            raise GlideConfigError(f"`acceptance_eval_prompts` must be >= 0, got {self.acceptance_eval_prompts}.")
+        for name in ("acceptance_eval_prompt_length", "acceptance_eval_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise GlideConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
 
 
 @dataclass
@@ -826,6 +828,7 @@ def _apply_config_file(parser: HfArgumentParser, argv: list[str]) -> list[str]:
     if not argv or argv[0].startswith("-") or not argv[0].lower().endswith(CONFIG_FILE_SUFFIXES):
         return argv
     path = argv[0]
+    yaml_errors = ()
     try:
         with open(path, encoding="utf-8") as handle:
             if path.lower().endswith(".json"):
@@ -833,8 +836,9 @@ def _apply_config_file(parser: HfArgumentParser, argv: list[str]) -> list[str]:
             else:
                 import yaml
 
+                yaml_errors = (yaml.YAMLError,)
                 values = yaml.safe_load(handle)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, *yaml_errors) as error:
         parser.error(f"cannot read the config file {path}: {error}")
     if not isinstance(values, dict):
         parser.error(f"the config file {path} must hold a mapping of flag names to values")
@@ -873,6 +877,12 @@ def parse_train_args(
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     if glide_args.resume and training_args.resume_from_checkpoint:
         parser.error("give `--resume` (last checkpoint in output_dir) or `--resume_from_checkpoint PATH`, not both")
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        parser.error("nothing to train: give `--max-steps` >= 1 or `--num-train-epochs` > 0")
+    if training_args.save_strategy == "steps" and training_args.save_steps <= 0:
+        parser.error(
+            "`--save-steps` must be positive with `--save-strategy steps` (`--save-strategy no` turns checkpoints off)"
+        )
     return glide_args, training_args, cli_args
 
 
