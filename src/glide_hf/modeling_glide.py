@@ -323,15 +323,14 @@ class GlideCrossAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        if self.use_triton_kernel and not torch.is_grad_enabled():
-            query_states = _rotate_for_inference(query_states, cos, sin)  # [B, H, Q, D]
-        else:
-            query_states = apply_rotary(query_states, cos, sin)
+        inference_kernels = self.use_triton_kernel and not torch.is_grad_enabled()
+        rotate = _rotate_for_inference if inference_kernels else apply_rotary
+        query_states = rotate(query_states, cos, sin)  # [B, H, Q, D]
         keys = target_keys.to(device=query_states.device, dtype=query_states.dtype)
         values = target_values.to(device=query_states.device, dtype=query_states.dtype)
         implementation = self.config._attn_implementation
         if key_lengths is not None:
-            if self.use_triton_kernel and not torch.is_grad_enabled() and prefix_attention_serves(keys):
+            if inference_kernels and prefix_attention_serves(keys):
                 attn_output = prefix_attention(query_states, keys, values, key_lengths, self.scaling)
                 return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
             slots = torch.arange(keys.shape[2], device=key_lengths.device)
