@@ -431,13 +431,16 @@ def _check_input_shapes(input_ids, attention_mask) -> None:
 
 def _check_input_values(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int) -> None:
     """Token ids inside the vocabulary and a 0/1 mask (one host synchronisation per call)."""
-    low, high = (int(value) for value in torch.stack([input_ids.min(), input_ids.max()]).tolist())
+    checks = [input_ids.min(), input_ids.max()]
+    if attention_mask is not None:
+        checks.append(((attention_mask != 0) & (attention_mask != 1)).any().to(input_ids.dtype))
+    low, high, *mask_is_not_binary = torch.stack(checks).tolist()
     if low < 0 or high >= vocab_size:
         raise UnsupportedGenerationError(
             f"`input_ids` holds ids from {low} to {high}, outside the target's vocabulary 0..{vocab_size - 1}: was "
             "it made with another model's tokenizer?"
         )
-    if attention_mask is not None and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+    if any(mask_is_not_binary):
         raise UnsupportedGenerationError("`attention_mask` must hold 1 for tokens and 0 for padding only.")
 
 
