@@ -224,6 +224,80 @@ def test_skip_bad_lines_skips_and_counts_them(write_jsonl, load, caplog):
     assert "line 5: expected a JSON object" in caplog.text and "line 7: `text` must be a string" in caplog.text
 
 
+def test_record_of_another_format_is_an_error_even_with_skip_bad_lines(write_jsonl, load):
+    # Regression: the format came from the first record only, and skip_bad_lines then skipped every text record of
+    # a mostly-text file whose first record was chat, with only a warning.
+    path = write_jsonl([{"messages": CONVERSATION}] + [{"text": f"sample {index}"} for index in range(5)])
+    with pytest.raises(
+        DataFormatError, match=rf"{path}:2: a `text` record .* data format is `chat`, detected from the first record"
+    ):
+        load(path, skip_bad_lines=True)
+
+
+def test_record_with_the_fields_of_another_format_is_an_error_when_detected(write_jsonl, load):
+    path = write_jsonl([{"text": "a"}, {"text": "b", "target": "c"}])
+    with pytest.raises(DataFormatError, match=rf"{path}:2: a `source_target` record \(it has `target`\)"):
+        load(path)
+    records, _ = load(path, data_format="text")
+    assert records["text"] == ["a", "b"]
+
+
+def test_record_of_another_format_is_an_error_with_a_forced_format(write_jsonl, load):
+    path = write_jsonl([{"messages": CONVERSATION}, {"text": "plain"}, {"messages": CONVERSATION}])
+    with pytest.raises(DataFormatError, match=rf"{path}:2: a `text` record .* `chat`, set by `data_format`"):
+        load(path, data_format="chat", skip_bad_lines=True)
+
+
+def _damaged_parquet(path, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": [f"sample number {index}" for index in range(3000)]})
+    pq.write_table(table, str(path), row_group_size=1000)
+    data = bytearray(path.read_bytes())
+    if damage == "random_bytes":
+        data = bytearray(range(256)) * 4
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "empty":
+        data = bytearray()
+    else:  # the pages of the last row group overwritten: the footer still reads, the rows do not
+        column = pq.ParquetFile(str(path)).metadata.row_group(2).column(0)
+        start = column.dictionary_page_offset or column.data_page_offset
+        data[start : start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("data_format", ["auto", "text"])
+@pytest.mark.parametrize("damage", ["random_bytes", "truncated", "empty", "damaged_row_group"])
+def test_unreadable_parquet_file_is_a_data_format_error(tmp_path, load, damage, data_format):
+    path = tmp_path / "data.parquet"
+    _damaged_parquet(path, damage)
+    rows = " from row 1024 on" if damage == "damaged_row_group" else ""
+    with pytest.raises(DataFormatError, match=rf"`{path}` is not a readable Parquet file{rows} \("):
+        load(str(path), data_format=data_format)
+
+
+def test_json_file_that_is_not_utf8_is_a_data_format_error(tmp_path, load):
+    path = tmp_path / "data.json"
+    path.write_bytes(b'[{"text": "ok"},\n {"text": "\xff\xfe"}]')
+    with pytest.raises(DataFormatError, match=rf"{path}:2: not UTF-8 text"):
+        load(str(path))
+
+
+@pytest.mark.parametrize("damage", ["truncated_shard", "broken_state", "state_of_another_shape"])
+def test_damaged_saved_dataset_is_a_data_format_error(tmp_path, load, damage):
+    path = tmp_path / "saved"
+    datasets.Dataset.from_list([{"text": f"sample {index}"} for index in range(5)]).save_to_disk(str(path))
+    if damage == "truncated_shard":
+        shard = next(path.glob("*.arrow"))
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:
+        (path / "state.json").write_text("{oops" if damage == "broken_state" else "[]")
+    with pytest.raises(DataFormatError, match=rf"`{path}` is not a readable dataset folder"):
+        load(str(path))
+
+
 def test_empty_data_file_is_an_error(write_jsonl, load):
     path = write_jsonl(None, raw_lines=[""])
     with pytest.raises(EmptyDatasetError, match="empty"):

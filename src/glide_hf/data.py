@@ -10,9 +10,12 @@ Pipeline (`prepare_data` runs it end to end; each step is also a public function
      target only.
    - `text`: `{"text": ...}`; loss on every token.
    A malformed record raises `DataFormatError` naming the file and line (or row); with `skip_bad_lines` it is
-   skipped, and the skips are counted and logged per file. Records are streamed into Arrow files in the `datasets`
-   cache (keyed by the files' paths, sizes and modification times), so data larger than memory works and other
-   ranks reuse what rank 0 wrote.
+   skipped, and the skips are counted and logged per file. A record of another format (a `text` record in chat
+   data) is not malformed: it raises `DataFormatError` even with `skip_bad_lines`, since skipping it would drop
+   that part of the data in silence. A file that is not readable as its type (random bytes, a truncated Parquet
+   file, a damaged `save_to_disk` folder) raises `DataFormatError` naming it. Records are streamed into Arrow
+   files in the `datasets` cache (keyed by the files' paths, sizes and modification times), so data larger than
+   memory works and other ranks reuse what rank 0 wrote.
 2. `tokenize_records`: token ids and labels (`-100` where no loss is wanted) with the target's tokenizer; samples
    over `max_length` are truncated or dropped (`overflow`), samples left without a trainable token are dropped;
    both are counted and logged (`TokenizationStats`). With packing, samples are kept whole instead.
@@ -72,7 +75,7 @@ FORMAT_MARKER_FIELDS = (("chat", "messages"), ("source_target", "target"), ("tex
 FORMAT_COLUMNS = {"text": ("text",), "chat": ("messages",), "source_target": ("source", "target")}
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 # Bumped when the record normalisation changes, so that cached Arrow files of an older version are not reused.
-RECORDS_CACHE_VERSION = "1"
+RECORDS_CACHE_VERSION = "2"
 # Line numbers named per file in the skipped-records warning; the count covers all.
 MAX_REPORTED_BAD_RECORDS = 5
 # Samples per `datasets.map` batch when packing: each batch ends with at most one row shorter than `max_length`.
@@ -116,9 +119,7 @@ def _classify(path: str) -> DataSource:
                 f"`{path}` is a folder but not a dataset written by `datasets`' `save_to_disk` (no "
                 "dataset_info.json or dataset_dict.json): pass the data files themselves, e.g. `{path}/*.jsonl`."
             )
-        import datasets
-
-        loaded = datasets.load_from_disk(path)
+        loaded = _load_from_disk(path)
         fingerprints = (
             [split._fingerprint for split in loaded.values()] if isinstance(loaded, dict) else [loaded._fingerprint]
         )
@@ -149,20 +150,55 @@ def _iter_raw(source: DataSource) -> Iterator[tuple[str, Any]]:
     elif source.kind == "json":
         yield from _iter_json(source.path)
     elif source.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        parquet = pq.ParquetFile(source.path)
-        columns = [name for name in parquet.schema_arrow.names if name in _KNOWN_FIELDS] or None
-        row = 0
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-            for record in batch.to_pylist():
-                yield f"row {row}", record
-                row += 1
+        yield from _iter_parquet(source.path)
     else:
         dataset = _load_saved_dataset(source.path)
         dataset = dataset.select_columns([name for name in dataset.column_names if name in _KNOWN_FIELDS])
         for row, record in enumerate(dataset):
             yield f"row {row}", record
+
+
+def _unreadable_errors() -> tuple[type[Exception], ...]:
+    """What pyarrow and `datasets.load_from_disk` raise on a damaged or foreign file: `ArrowInvalid` (a
+    `ValueError`) for bad bytes, `OSError` for bad compression or a missing shard, `UnicodeDecodeError`, `KeyError`,
+    `TypeError` and `AttributeError` for a `state.json` or `dataset_info.json` of another shape."""
+    import pyarrow as pa
+
+    return (pa.ArrowException, OSError, ValueError, KeyError, TypeError, AttributeError)
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    errors = _unreadable_errors()
+    row = 0
+    try:
+        parquet = pq.ParquetFile(path)
+        columns = [name for name in parquet.schema_arrow.names if name in _KNOWN_FIELDS] or None
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
+    except errors as error:
+        raise _not_parquet(path, row, error) from error
+    while True:
+        # Pages are decoded batch by batch, so damage in the middle of a file surfaces here, not at the open.
+        try:
+            records = next(batches).to_pylist()
+        except StopIteration:
+            return
+        except errors as error:
+            raise _not_parquet(path, row, error) from error
+        for record in records:
+            yield f"row {row}", record
+            row += 1
+
+
+def _not_parquet(path: str, row: int, error: Exception) -> DataFormatError:
+    where = f" from row {row} on" if row else ""
+    reason = " ".join(str(error).split())  # pyarrow's messages span lines
+    return DataFormatError(
+        f"`{path}` is not a readable Parquet file{where} ({type(error).__name__}: {reason}). Check that it was "
+        "written completely (not truncated or damaged in transfer) and is Parquet; data in another format needs "
+        "that format's extension (.jsonl, .json)."
+    )
 
 
 _KNOWN_FIELDS = {"messages", "text", "source", "target"}
@@ -201,8 +237,16 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_json(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataFormatError(
+            f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start}), so not a JSON file. A `.json` "
+            "file must hold UTF-8 JSON: a list of records or one record per line."
+        ) from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
@@ -222,10 +266,24 @@ def _iter_json(path: str) -> Iterator[tuple[str, Any]]:
         yield f"record {index}", record
 
 
+def _load_from_disk(path: str):
+    """`datasets.load_from_disk`, with a damaged folder (a truncated `.arrow` shard, a broken `state.json`) reported
+    as `DataFormatError` instead of the reader's own exception."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(path)
+    except _unreadable_errors() as error:
+        raise DataFormatError(
+            f"`{path}` is not a readable dataset folder ({type(error).__name__}: {error}). Its files are damaged or "
+            "incomplete: write it again with `save_to_disk`, or pass the original data files."
+        ) from error
+
+
 def _load_saved_dataset(path: str):
     import datasets
 
-    loaded = datasets.load_from_disk(path)
+    loaded = _load_from_disk(path)
     if isinstance(loaded, datasets.DatasetDict):
         if "train" in loaded:
             return loaded["train"]
@@ -300,17 +358,42 @@ def _peek_format(source: DataSource) -> str | None:
     return None
 
 
-def _generate_records(sources: tuple[DataSource, ...], data_format: str, skip_bad_lines: bool) -> Iterator[dict]:
-    """Normalised records of all sources; bad records raise `DataFormatError` or, when skipped, are logged."""
+def _other_format_error(
+    source: DataSource, where: str, found: str, data_format: str, detected: bool
+) -> DataFormatError:
+    marker = dict(FORMAT_MARKER_FIELDS)[found]
+    origin = "detected from the first record of the file" if detected else "set by `data_format` (`--data-format`)"
+    return DataFormatError(
+        f"{_location(source.path, where)}: a `{found}` record (it has `{marker}`), but the data format is "
+        f"`{data_format}`, {origin}. One run trains on one format: split the data by format, or convert these "
+        "records. `skip_bad_lines` does not skip them: it is for malformed records, not for a second format."
+    )
+
+
+def _generate_records(
+    sources: tuple[DataSource, ...], data_format: str, skip_bad_lines: bool, detected: bool = False
+) -> Iterator[dict]:
+    """Normalised records of all sources; bad records raise `DataFormatError` or, when skipped, are logged.
+
+    A record of another format than `data_format` raises `DataFormatError` whatever `skip_bad_lines` says. When
+    the format was `detected` from the first records, every record must point to it (`detect_format`); when it was
+    given, a record that fits it is read as it (forcing a format is how records carrying the fields of two formats
+    are read as one), and a record that does not is an error if it points to another format.
+    """
     num_records = 0
     for source in sources:
         skipped = []
         for where, record in _iter_raw(source):
+            found = detect_format(record) if isinstance(record, dict) else None
+            if detected and found is not None and found != data_format:
+                raise _other_format_error(source, where, found, data_format, detected)
             try:
                 if isinstance(record, BadRecord):
                     raise record
                 normalized = _normalize(record, data_format)
             except BadRecord as reason:
+                if found is not None and found != data_format:
+                    raise _other_format_error(source, where, found, data_format, detected) from None
                 if not skip_bad_lines:
                     raise DataFormatError(
                         f"{_location(source.path, where)}: {reason} (data format `{data_format}`). Fix the record, "
@@ -352,11 +435,14 @@ def load_records(
         paths (`list[str]` or `str`): JSONL (`.jsonl`, `.ndjson`), JSON (`.json`: a list of records, or one per
             line) or Parquet files, glob patterns of them, or folders written by `Dataset.save_to_disk` (the `train`
             split of a `DatasetDict`).
-        data_format (`str`): `"auto"` (from the first record of each input; all inputs must agree), `"text"`,
-            `"chat"` or `"source_target"`.
+        data_format (`str`): `"auto"` (from the first record of each input; all inputs, and every record in
+            them, must agree), `"text"`, `"chat"` or `"source_target"`.
         skip_bad_lines (`bool`): skip records that are not valid JSON or lack the format's fields, counting and
             logging them per file (when the files are read: a reload from the cache does not read them again),
-            instead of raising `DataFormatError` at the first.
+            instead of raising `DataFormatError` at the first. A record of another format is not skipped: it
+            raises `DataFormatError` naming its line and both formats, as one format per run is the contract, and
+            skipping would silently drop the part of a mixed file in the other format (most of it, when the first
+            record happens to be the odd one).
         cache_dir (`str`, *optional*): where `datasets` keeps the Arrow files (default: its own cache).
 
     Returns:
@@ -364,7 +450,8 @@ def load_records(
         `source` and `target`), and that format.
 
     Raises:
-        `DataNotFoundError`, `DataFormatError` (naming the file and line), `EmptyDatasetError`.
+        `DataNotFoundError`, `DataFormatError` (naming the file and line, or the file that is not readable as its
+        type), `EmptyDatasetError`.
     """
     import datasets
     from datasets.exceptions import DatasetGenerationError
@@ -372,7 +459,8 @@ def load_records(
     if data_format != "auto" and data_format not in DATA_FORMATS:
         raise DataFormatError(f"`data_format` must be 'auto' or one of {DATA_FORMATS}, got {data_format!r}.")
     sources = resolve_sources(paths)
-    if data_format == "auto":
+    detect = data_format == "auto"
+    if detect:
         detected = {source.path: _peek_format(source) for source in sources}
         formats = {value for value in detected.values() if value is not None}
         if len(formats) > 1:
@@ -386,12 +474,19 @@ def load_records(
                 f"No record in {', '.join(detected)}: the data is empty (or holds no JSON object)."
             )
         data_format = formats.pop()
-    key = json.dumps([RECORDS_CACHE_VERSION, [asdict(source) for source in sources], data_format, skip_bad_lines])
+    key = json.dumps(
+        [RECORDS_CACHE_VERSION, [asdict(source) for source in sources], data_format, detect, skip_bad_lines]
+    )
     try:
         dataset = datasets.Dataset.from_generator(
             _generate_records,
             features=_record_features(data_format),
-            gen_kwargs={"sources": tuple(sources), "data_format": data_format, "skip_bad_lines": skip_bad_lines},
+            gen_kwargs={
+                "sources": tuple(sources),
+                "data_format": data_format,
+                "skip_bad_lines": skip_bad_lines,
+                "detected": detect,
+            },
             cache_dir=cache_dir,
             fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
         )
