@@ -10,6 +10,7 @@ compared with `longspec_reference_logits`, LongSpec's draft forward written from
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -418,6 +419,63 @@ def test_checkpoint_config_without_shape_keys_is_rejected(make_target, tmp_path)
     (checkpoint / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointFormatError, match=r"no integer `hidden_size`, `num_attention_heads`"):
         convert_longspec(checkpoint, target)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_attention_heads", 0),
+        ("num_attention_heads", -4),
+        ("num_attention_heads", 4.5),
+        ("num_attention_heads", True),
+        ("hidden_size", "64"),
+        ("num_key_value_heads", 0),
+        ("num_key_value_heads", -2),
+        ("num_key_value_heads", "2"),
+        ("head_dim", 0),
+        ("head_dim", 16.0),
+        ("intermediate_size", -128),
+        ("rms_norm_eps", 0),
+        ("rms_norm_eps", "1e-6"),
+    ],
+)
+def test_checkpoint_config_field_of_invalid_value_is_named(field, value, make_target, tmp_path):
+    # Regression: `num_attention_heads: 0` ended in a ZeroDivisionError, `num_key_value_heads: 0` was silently read
+    # as `num_attention_heads`, and other values in a TargetMismatchError or a GlideConfigError without the file.
+    target = make_target("llama")
+    checkpoint = write_checkpoint(tmp_path / "longspec", random_longspec_weights(target.config), target.config)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config[field] = value
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    expected = "positive number" if field == "rms_norm_eps" else "positive integer"
+    with pytest.raises(
+        CheckpointFormatError,
+        match=rf"`config\.json` beside `.*` has `{field}={re.escape(repr(value))}`: expected a {expected}",
+    ):
+        convert_longspec(checkpoint, target)
+
+
+def test_checkpoint_config_with_zero_heads_and_no_head_dim_is_named(make_target, tmp_path):
+    # Regression: `head_dim` was derived as `hidden_size // num_attention_heads`, a ZeroDivisionError.
+    target = make_target("llama")
+    checkpoint = write_checkpoint(tmp_path / "longspec", random_longspec_weights(target.config), target.config)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.pop("head_dim", None)
+    config["num_attention_heads"] = 0
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError, match=r"has `num_attention_heads=0`: expected a positive integer"):
+        convert_longspec(checkpoint, target)
+
+
+def test_checkpoint_config_with_null_head_dim_derives_it(make_target, tmp_path):
+    target = make_target("llama")
+    weights = random_longspec_weights(target.config)
+    checkpoint = write_checkpoint(tmp_path / "longspec", weights, target.config)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["head_dim"] = None
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    draft = convert_longspec(checkpoint, target)
+    assert torch.equal(draft.model.layer.self_attn.q_proj.weight, weights["self_attn.q_proj.weight"])
 
 
 def test_a_glide_draft_folder_points_to_from_pretrained(make_target, make_draft, tmp_path):

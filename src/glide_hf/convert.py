@@ -61,6 +61,11 @@ CONFIG_FILE_NAME = "config.json"
 FIXED_CONFIG_FIELDS = ("target_config", "final_norm", "attention_bias")
 # Checkpoint config keys that must equal the target's: the draft reads the target's embedding and KV cache.
 CHECKED_SHAPE_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+# Checkpoint config keys the conversion reads: the shape keys it needs, and those that may be absent or null (Llama's
+# defaults then apply: as many KV heads as heads, `head_dim = hidden_size // num_attention_heads`; the target's MLP
+# width and epsilon).
+REQUIRED_CONFIG_FIELDS = ("hidden_size", "num_attention_heads")
+OPTIONAL_INT_CONFIG_FIELDS = ("num_key_value_heads", "head_dim", "intermediate_size")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -360,19 +365,14 @@ def _check_checkpoint_config(config: dict, target: PreTrainedModel, source: str)
             f"The checkpoint `{source}` is already a glide-hf draft (`model_type='glide'`): load it with "
             "`GlideForCausalLM.from_pretrained(path, target_model=target)` instead of converting it."
         )
-    missing = [name for name in ("hidden_size", "num_attention_heads") if not isinstance(config.get(name), int)]
-    if missing:
-        raise CheckpointFormatError(
-            f"The `config.json` beside `{source}` has no integer {', '.join(f'`{name}`' for name in missing)}: "
-            "expected the Llama/Qwen2 config of the draft's target, as LongSpec saves it. Fix or remove the file "
-            "to convert with the target's shape."
-        )
+    _check_config_values(config, source)
     heads = config["num_attention_heads"]
+    kv_heads, head_dim = config.get("num_key_value_heads"), config.get("head_dim")
     found = {
         "hidden_size": config["hidden_size"],
         "num_attention_heads": heads,
-        "num_key_value_heads": config.get("num_key_value_heads") or heads,
-        "head_dim": config.get("head_dim") or config["hidden_size"] // heads,
+        "num_key_value_heads": heads if kv_heads is None else kv_heads,
+        "head_dim": config["hidden_size"] // heads if head_dim is None else head_dim,
     }
     expected = target_shape(target.config)
     for name in CHECKED_SHAPE_FIELDS:
@@ -387,6 +387,31 @@ def _check_checkpoint_config(config: dict, target: PreTrainedModel, source: str)
             f"The LongSpec checkpoint's config has `vocab_size={config['vocab_size']}`, the target "
             f"`vocab_size={expected['vocab_size']}`: the draft reuses the target's embedding and LM head, so check "
             "that this is the target the draft was trained for."
+        )
+
+
+def _check_config_values(config: dict, source: str) -> None:
+    """Raise `CheckpointFormatError` for a config key the conversion reads that is missing or not a usable value
+    (before any arithmetic on it: `num_attention_heads=0` would divide by zero)."""
+    missing = [name for name in REQUIRED_CONFIG_FIELDS if config.get(name) is None]
+    if missing:
+        raise CheckpointFormatError(
+            f"The `config.json` beside `{source}` has no integer {', '.join(f'`{name}`' for name in missing)}: "
+            "expected the Llama/Qwen2 config of the draft's target, as LongSpec saves it. Fix or remove the file "
+            "to convert with the target's shape."
+        )
+    for name in (*REQUIRED_CONFIG_FIELDS, *OPTIONAL_INT_CONFIG_FIELDS):
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointFormatError(
+                f"The `config.json` beside `{source}` has `{name}={value!r}`: expected a positive integer (the "
+                "target's value, as LongSpec saves it). Fix the file, or remove it to convert with the target's shape."
+            )
+    eps = config.get("rms_norm_eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
+        raise CheckpointFormatError(
+            f"The `config.json` beside `{source}` has `rms_norm_eps={eps!r}`: expected a positive number (the "
+            "target's value, as LongSpec saves it). Fix the file, or remove it to convert with the target's shape."
         )
 
 
