@@ -5,6 +5,10 @@ epoch).
 
 The crash is simulated by raising from Trainer's RNG-state save, which runs after the weights and the optimizer are
 written: stock Trainer then leaves a folder that looks like a checkpoint but cannot resume the run exactly.
+
+A checkpoint saved again at the same step (a run resumed from an earlier checkpoint) replaces the old one with no
+moment where neither is on disk: a crash at each point of the replacement (simulated by raising from the rename or
+removal there) leaves the old or the new one, which the next `--resume` picks.
 """
 
 import shutil
@@ -140,3 +144,110 @@ def test_resume_after_the_crash_reproduces_the_uninterrupted_run(resumed_dir, cr
 def test_resume_replaces_the_leftover_of_the_crashed_save(resumed_dir):
     assert not list(resumed_dir.glob("*.tmp"))
     assert (resumed_dir / f"checkpoint-{CRASH_STEP}" / "rng_state.pth").is_file()
+
+
+# --- a checkpoint saved again at the same step ----------------------------------------------------------------------
+
+# A run resumed from `checkpoint-6` of the uninterrupted run saves steps 9 and 10 again, over the checkpoints there.
+REPLACED_STEP = 9  # the save that the crash tests kill
+CHECKPOINT_FILES = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
+
+
+def folder_ids(output_dir: Path) -> dict[str, int]:
+    """The inode of each folder in `output_dir`, by name: a rename keeps it, a new save gets another."""
+    return {path.name: path.stat().st_ino for path in output_dir.iterdir() if path.is_dir()}
+
+
+def resume_from_last_good_checkpoint(target_dir: str, output_dir: Path) -> None:
+    train(target_dir, output_dir, "--resume-from-checkpoint", str(output_dir / f"checkpoint-{LAST_GOOD_STEP}"))
+
+
+def test_saving_again_at_the_same_step_replaces_the_checkpoint(uninterrupted_dir, target_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted_dir, output_dir)
+    before = folder_ids(output_dir)
+    resume_from_last_good_checkpoint(target_dir, output_dir)
+    after = folder_ids(output_dir)
+    assert after.keys() == before.keys() == {f"checkpoint-{step}" for step in (3, 6, 9, 10)}
+    # Saved anew: the checkpoints of the steps the resumed run trained; the earlier ones are untouched.
+    assert {name for name in after if after[name] != before[name]} == {"checkpoint-9", "checkpoint-10"}
+    assert not list(output_dir.glob("*.replaced")) and not list(output_dir.glob("*.tmp"))
+    assert CHECKPOINT_FILES <= {path.name for path in (output_dir / "checkpoint-9").iterdir()}
+
+
+class CrashPoint:
+    """Where the save of `checkpoint-9` over the existing one is killed, as a patch that raises there."""
+
+    @staticmethod
+    def before_setting_aside(patch: pytest.MonkeyPatch) -> None:
+        replace = trainer_module.os.replace
+
+        def crashing_replace(source, destination):
+            if str(destination).endswith(f"checkpoint-{REPLACED_STEP}.replaced"):
+                raise SimulatedCrash("killed before setting the old checkpoint aside")
+            replace(source, destination)
+
+        patch.setattr(trainer_module.os, "replace", crashing_replace)
+
+    @staticmethod
+    def between_the_renames(patch: pytest.MonkeyPatch) -> None:
+        replace = trainer_module.os.replace
+
+        def crashing_replace(source, destination):
+            if str(source).endswith(f"checkpoint-{REPLACED_STEP}.tmp/checkpoint-{REPLACED_STEP}"):
+                raise SimulatedCrash("killed after setting the old checkpoint aside, before the new one moved in")
+            replace(source, destination)
+
+        patch.setattr(trainer_module.os, "replace", crashing_replace)
+
+    @staticmethod
+    def before_removing_the_old_one(patch: pytest.MonkeyPatch) -> None:
+        rmtree = trainer_module.shutil.rmtree
+
+        def crashing_rmtree(path, *args, **kwargs):
+            if str(path).endswith(f"checkpoint-{REPLACED_STEP}.replaced"):
+                raise SimulatedCrash("killed after the new checkpoint moved in, before the old one was removed")
+            rmtree(path, *args, **kwargs)
+
+        patch.setattr(trainer_module.shutil, "rmtree", crashing_rmtree)
+
+
+@pytest.mark.parametrize(
+    "crash_point, leftover, kept",
+    [
+        # Which `checkpoint-9` the crash leaves under that name or set aside, and which one the next run keeps.
+        ("before_setting_aside", "checkpoint-9.tmp", "old"),
+        ("between_the_renames", "checkpoint-9.replaced", "old"),
+        ("before_removing_the_old_one", "checkpoint-9.replaced", "new"),
+    ],
+)
+def test_a_crash_while_replacing_a_checkpoint_loses_no_checkpoint(
+    uninterrupted_dir, target_dir, tmp_path, crash_point, leftover, kept
+):
+    # A run whose last checkpoint is checkpoint-9, resumed from checkpoint-6.
+    output_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted_dir, output_dir)
+    shutil.rmtree(output_dir / f"checkpoint-{MAX_STEPS}")
+    old_id = folder_ids(output_dir)["checkpoint-9"]
+    with pytest.MonkeyPatch.context() as patch:
+        getattr(CrashPoint, crash_point)(patch)
+        with pytest.raises(SimulatedCrash):
+            resume_from_last_good_checkpoint(target_dir, output_dir)
+    crashed = folder_ids(output_dir)
+    assert leftover in crashed
+    if crash_point == "between_the_renames":
+        # The only copy of checkpoint-9 is the one set aside, which resume does not pick as it stands...
+        assert "checkpoint-9" not in crashed and crashed["checkpoint-9.replaced"] == old_id
+        assert get_last_checkpoint(str(output_dir)) == str(output_dir / f"checkpoint-{LAST_GOOD_STEP}")
+    else:
+        assert "checkpoint-9" in crashed
+    kept_id = old_id if kept == "old" else crashed["checkpoint-9"]
+
+    # ...but the next run puts it back first, and resumes from it: checkpoint-9 is not saved again (same folder),
+    # and the steps after it reproduce the uninterrupted run.
+    train(target_dir, output_dir, "--resume")
+    recovered = folder_ids(output_dir)
+    assert recovered.keys() == {f"checkpoint-{step}" for step in (3, 6, 9, 10)}
+    assert recovered["checkpoint-9"] == kept_id
+    assert CHECKPOINT_FILES <= {path.name for path in (output_dir / "checkpoint-9").iterdir()}
+    assert losses_by_step(output_dir) == losses_by_step(uninterrupted_dir)

@@ -57,8 +57,10 @@ DRAFT_ARCHITECTURE_FIELDS = ("sliding_window", "target_kv_layer")
 DRAFT_TRAINING_FIELDS = ("max_draft_lag", "num_draft_tokens", "loss_implementation")
 ACCEPTANCE_METRIC = "eval_tokens_per_target_forward"
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
-# A checkpoint is written under `checkpoint-N.tmp` and renamed to `checkpoint-N` once complete (`GlideTrainer`).
+# A checkpoint is written under `checkpoint-N.tmp` and renamed to `checkpoint-N` once complete (`GlideTrainer`);
+# one saved again at the same step is moved to `checkpoint-N.replaced` until the new one has taken its name.
 CHECKPOINT_STAGING_SUFFIX = ".tmp"
+CHECKPOINT_REPLACED_SUFFIX = ".replaced"
 MODEL_CARD_TAGS = ["glide-hf-train"]
 
 
@@ -482,6 +484,11 @@ class GlideTrainer(Trainer):
     within a file system. A crash therefore leaves only a `checkpoint-N.tmp` folder, which `get_last_checkpoint`
     ignores (it matches `checkpoint-<digits>` exactly) and the next checkpoint save removes.
 
+    A checkpoint saved again at the same step (a run resumed from an earlier checkpoint) is renamed to
+    `checkpoint-N.replaced` before the new one takes its name, and removed only then. A crash between the two renames
+    leaves the old one there, which `_recover_interrupted_saves` renames back (at the next save, and when
+    `train_glide` starts); a crash after them leaves it beside the new one, which it removes.
+
     The guarantee covers a killed process, not the loss of the host's page cache (files are not fsync'ed). With
     several nodes, `output_dir` is either on a file system that all nodes share (`save_on_each_node` off, its
     default: one process renames) or on each node's own disk with `save_on_each_node=True` (one process per node).
@@ -518,7 +525,7 @@ class GlideTrainer(Trainer):
         staging_dir = checkpoint_dir + CHECKPOINT_STAGING_SUFFIX
         staged_checkpoint_dir = os.path.join(staging_dir, name)
         if self.args.should_save:
-            _remove_staging_leftovers(run_dir)
+            _recover_interrupted_saves(run_dir)
         self.accelerator.wait_for_everyone()  # no process writes into a folder that is being removed
         self._checkpoint_staging_dir = staging_dir
         try:
@@ -535,9 +542,15 @@ class GlideTrainer(Trainer):
             if best_is_this_one:
                 self.state.save_to_json(os.path.join(staged_checkpoint_dir, TRAINER_STATE_NAME))
             if os.path.isdir(checkpoint_dir):
-                # Saved again at the same step (Trainer would overwrite its files): the new one replaces it.
-                shutil.rmtree(checkpoint_dir)
-            os.replace(staged_checkpoint_dir, checkpoint_dir)
+                # Saved again at the same step (Trainer would overwrite its files): the new one replaces it. A folder
+                # cannot be renamed over a full one, and removing the old one first would lose it to a crash before
+                # the rename; set aside instead, it is restored by `_recover_interrupted_saves` after such a crash.
+                replaced_dir = checkpoint_dir + CHECKPOINT_REPLACED_SUFFIX
+                os.replace(checkpoint_dir, replaced_dir)
+                os.replace(staged_checkpoint_dir, checkpoint_dir)
+                shutil.rmtree(replaced_dir)
+            else:
+                os.replace(staged_checkpoint_dir, checkpoint_dir)
             os.rmdir(staging_dir)
             # Trainer rotated the staging folder, which holds this checkpoint only; rotate the real ones.
             rotate_checkpoints(
@@ -648,16 +661,33 @@ def load_draft_weights_into_fsdp(model: torch.nn.Module, checkpoint_dir: str) ->
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
-def _remove_staging_leftovers(run_dir: str) -> None:
-    """Remove `checkpoint-*.tmp` folders of checkpoint saves that did not finish (the process was killed)."""
+def _recover_interrupted_saves(run_dir: str) -> None:
+    """Undo what checkpoint saves that did not finish (the process was killed) left in `run_dir`.
+
+    A `checkpoint-N.tmp` folder is an unfinished save: removed. A `checkpoint-N.replaced` folder is a complete
+    `checkpoint-N` that a save at the same step had set aside: renamed back when `checkpoint-N` is missing (the crash
+    came before the new one took its name), removed when the new `checkpoint-N` is in place.
+    """
     if not os.path.isdir(run_dir):
         return
-    for entry in os.listdir(run_dir):
+    for entry in sorted(os.listdir(run_dir)):
         path = os.path.join(run_dir, entry)
-        if entry.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and entry.endswith(CHECKPOINT_STAGING_SUFFIX):
-            if os.path.isdir(path):
-                logger.warning(f"Removing `{path}`, left by a checkpoint save that did not finish.")
+        if not entry.startswith(f"{PREFIX_CHECKPOINT_DIR}-") or not os.path.isdir(path):
+            continue
+        if entry.endswith(CHECKPOINT_REPLACED_SUFFIX):
+            checkpoint_dir = path.removesuffix(CHECKPOINT_REPLACED_SUFFIX)
+            if os.path.isdir(checkpoint_dir):
+                logger.warning(f"Removing `{path}`, the earlier `{checkpoint_dir}` that a later save replaced.")
                 shutil.rmtree(path)
+            else:
+                logger.warning(
+                    f"Restoring `{checkpoint_dir}` from `{path}`, where a checkpoint save that did not finish had "
+                    "set it aside."
+                )
+                os.replace(path, checkpoint_dir)
+        elif entry.endswith(CHECKPOINT_STAGING_SUFFIX):
+            logger.warning(f"Removing `{path}`, left by a checkpoint save that did not finish.")
+            shutil.rmtree(path)
 
 
 # --- training --------------------------------------------------------------------------------------------------------
@@ -801,6 +831,11 @@ def train_glide(glide_args: GlideTrainingArguments, training_args: TrainingArgum
     >>> draft = train_glide(glide_args, training_args)
     ```
     """
+    # Before the output folder is judged and a checkpoint picked: a checkpoint set aside by a save that a crash cut
+    # short is one of the run's checkpoints again. One process per file system renames (as `GlideTrainer` saves).
+    with training_args.main_process_first(local=training_args.save_on_each_node, desc="checkpoint recovery"):
+        if training_args.should_save:
+            _recover_interrupted_saves(training_args.output_dir)
     check_output_dir(glide_args, training_args)
     checkpoint = resolve_checkpoint(glide_args, training_args)
     trainer = build_glide_trainer(glide_args, training_args)
