@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import ModelCard
@@ -197,6 +198,86 @@ def test_training_of_the_wrong_type_is_rejected(draft):
         glide_model_card(draft, training=["DKYoon/SlimPajama-6B"])
     with pytest.raises(ModelCardError, match=r"`training\['datasets'\]` must be a string or a list of strings"):
         glide_model_card(draft, training={"datasets": [1, 2]})
+
+
+def remote_style_draft(**config_fields):
+    """A stand-in draft with only the config fields the card reads (as the remote-code test builds it)."""
+    fields = dict(
+        target_name_or_path=TARGET_NAME, sliding_window=512, target_kv_layer=-1, num_draft_tokens=5, max_draft_lag=5,
+        intermediate_size=18944, final_norm=False, attention_bias=True,
+    )  # fmt: skip
+    return SimpleNamespace(config=SimpleNamespace(**{**fields, **config_fields}))
+
+
+def test_model_without_a_config_is_rejected():
+    with pytest.raises(ModelCardError, match=r"`model` must be a GLIDE draft .* found a dict without `config`"):
+        glide_model_card({"target_name_or_path": TARGET_NAME})
+
+
+def test_target_name_that_is_not_a_string_is_rejected():
+    # Regression: an integer went to `os.path.isdir`, which reads it as a file descriptor.
+    with pytest.raises(ModelCardError, match=r"`model\.config\.target_name_or_path` .* found 3\."):
+        glide_model_card(remote_style_draft(target_name_or_path=3))
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        ("tags", "extra-tag", r"`tags` must be a list of strings, found 'extra-tag'"),  # was split into letters
+        ("tags", ["ok", 7], r"`tags` must be a list of strings"),
+        ("license", 2, r"`license` must be a string or None, found 2"),
+        ("repo_id", ["me/glide"], r"`repo_id` must be a string or None"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_rejected(draft, argument, value, message):
+    with pytest.raises(ModelCardError, match=message):
+        glide_model_card(draft, **{argument: value})
+
+
+def test_write_model_card_rejects_a_save_directory_that_is_not_a_path(draft):
+    with pytest.raises(ModelCardError, match=r"`save_directory` must be a path, found None"):
+        write_model_card(draft, None)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"dataset": {"name": "mt-bench"}, "tau": 3.0}, r"`dataset` must be a string \(a name\)"),
+        ({"method": 1, "tau": 3.0}, r"`method` must be a string"),
+        ({"temperature": "hot", "tau": 3.0}, r"`temperature` must be a number, found 'hot'"),
+        ({"tree_widths": "4,16", "tau": 3.0}, r"`tree_widths` must be a list of integers"),
+        ({"tau": float("nan")}, r"`tau` must be a finite number, found nan"),
+        ({"tokens_per_second": 10.0, "baseline_tokens_per_second": "x"}, r"`baseline_tokens_per_second` must be a"),
+    ],
+)
+def test_results_row_of_the_wrong_type_names_the_field(draft, row, message):
+    with pytest.raises(ModelCardError, match=rf"`results` row 0: {message}"):
+        glide_model_card(draft, results=[row])
+
+
+@pytest.mark.parametrize(
+    ("bench", "message"),
+    [
+        ({"summaries": [{"tau": 2.0}, "vanilla"]}, r"`results\['summaries'\]` item 1 is a str"),
+        ({"summaries": [{"tau": 2.0}], "arguments": ["prompts.jsonl"]}, r"`results\['arguments'\]` must be an"),
+        ({"summaries": [{"tau": 2.0}], "settings": 256}, r"`results\['settings'\]` must be an object"),
+    ],
+)
+def test_bench_results_of_the_wrong_shape_are_rejected(draft, bench, message):
+    with pytest.raises(ModelCardError, match=message):
+        glide_model_card(draft, results=bench)
+
+
+def test_dry_run_training_of_the_wrong_shape_is_rejected(draft):
+    with pytest.raises(ModelCardError, match=r"`training\['glide'\]` must be an object .* found list"):
+        glide_model_card(draft, training={"glide": ["target"], "training": {}})
+
+
+def test_results_file_that_is_not_utf8_is_rejected_with_its_path(draft, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_bytes(b'{"tau": "\xff"}')
+    with pytest.raises(ModelCardError, match=r"results\.json` is not UTF-8 text"):
+        glide_model_card(draft, results=path)
 
 
 def test_write_model_card_keeps_its_signature_and_writes_readme(draft, tmp_path):

@@ -8,8 +8,8 @@ is written (`save_pretrained`, `push_to_hub`, `train_glide`) is left to the call
 
 `model_cards/template.md` documents the card's fields and the two inputs for readers; the template itself is embedded
 here, because this file belongs to the remote-code closure (`modeling_glide.py` imports it): it is copied next to a
-saved draft without the rest of the package, so it imports the standard library (`os`, `json`), `huggingface_hub`
-and `.errors` only.
+saved draft without the rest of the package, so it imports the standard library (`os`, `json`, `math`),
+`huggingface_hub` and `.errors` only.
 
 Inputs (each a `dict`, or the path of a JSON file holding one):
 
@@ -25,7 +25,8 @@ Inputs (each a `dict`, or the path of a JSON file holding one):
   `tree_widths`, `temperature`, `batch_size`, `max_new_tokens`, `tau` (also read from `tokens_per_target_forward` or
   `eval_tokens_per_target_forward`), `speedup` (else `tokens_per_second / baseline_tokens_per_second`),
   `tokens_per_second`, `baseline_tokens_per_second`, `eval_loss`. Other fields are ignored; a row needs one measured
-  value (`METRIC_COLUMNS`).
+  value (`METRIC_COLUMNS`). `dataset`, `method` and `draft_strategy` are strings (`TEXT_COLUMNS`), `tree_widths` a
+  list of integers, the others finite numbers.
 - `training`: `datasets` (Hub ids, also written to the front matter), `data` (free text or paths, text only),
   `stages` (a list of dicts of the same fields, one per stage, with an optional `name`), and any other key as a
   setting (e.g. `learning_rate`). The JSON printed by `glide-hf train --dry-run` (`{"glide": ..., "training": ...}`)
@@ -33,6 +34,7 @@ Inputs (each a `dict`, or the path of a JSON file holding one):
 """
 
 import json
+import math
 import os
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -62,6 +64,8 @@ RESULT_COLUMNS = (
     ("eval_loss", "eval loss"),
 )
 METRIC_COLUMNS = ("tau", "speedup", "tokens_per_second", "eval_loss")
+# Columns holding names; `tree_widths` holds a list of integers, and every other column a finite number.
+TEXT_COLUMNS = ("dataset", "method", "draft_strategy")
 # Other names of a row's fields: the engine's statistic, the trainer's evaluation metric, a short strategy key.
 RESULT_ALIASES = {
     "tokens_per_target_forward": "tau",
@@ -154,7 +158,8 @@ def glide_model_card(
         description, usage example, draft settings, training and results.
 
     Raises:
-        `ModelCardError`: `results` or `training` cannot be read or has no usable content.
+        `ModelCardError`: `results` or `training` cannot be read or has no usable content, or an argument (or
+        `model.config.target_name_or_path`) is not of the type given above.
 
     Example:
 
@@ -165,8 +170,22 @@ def glide_model_card(
     >>> card.save("README.md")
     ```
     """
-    config = model.config
-    target = config.target_name_or_path
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ModelCardError(
+            f"`model` must be a GLIDE draft (its `config` is read), found a {type(model).__name__} without `config`."
+        )
+    target = getattr(config, "target_name_or_path", None)
+    if target is not None and not isinstance(target, str):
+        raise ModelCardError(
+            f"`model.config.target_name_or_path` (the card's `base_model`) must be a Hub id or a path, found "
+            f"{target!r}. Set it to the target's name, or to None."
+        )
+    if tags is not None and (not isinstance(tags, (list, tuple)) or not all(isinstance(tag, str) for tag in tags)):
+        raise ModelCardError(f"`tags` must be a list of strings, found {tags!r}.")
+    for name, value in (("license", license), ("repo_id", repo_id)):
+        if value is not None and not isinstance(value, str):
+            raise ModelCardError(f"`{name}` must be a string or None, found {value!r}.")
     # The Hub reads `base_model` as a repo id: a target loaded from a local folder is named in the text only.
     base_model = target if target and not os.path.isdir(target) else None
     card_tags = list(MODEL_CARD_TAGS) + [tag for tag in (tags or []) if tag not in MODEL_CARD_TAGS]
@@ -208,6 +227,8 @@ def write_model_card(
     Returns:
         `str`: the path of the written card.
     """
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise ModelCardError(f"`save_directory` must be a path, found {save_directory!r}.")
     path = os.path.join(save_directory, MODEL_CARD_NAME)
     glide_model_card(model, tags, results=results, training=training, license=license, repo_id=repo_id).save(path)
     return path
@@ -273,6 +294,12 @@ def _all_datasets(info: dict) -> list[str]:
 
 def _read_training_part(value: dict, where: str) -> dict:
     if "glide" in value and "training" in value:  # `glide-hf train --dry-run` output
+        for key in ("glide", "training"):
+            if not isinstance(value[key], dict):
+                raise ModelCardError(
+                    f"`{where}['{key}']` must be an object (as `glide-hf train --dry-run` prints it), found "
+                    f"{type(value[key]).__name__}."
+                )
         value = {
             **{name: value["glide"].get(name) for name in DRY_RUN_SETTINGS["glide"]},
             **{name: value["training"].get(name) for name in DRY_RUN_SETTINGS["training"]},
@@ -341,6 +368,18 @@ def _read_results(results) -> tuple[list[dict], dict]:
         context = {name: value[name] for name in RESULT_CONTEXT_FIELDS if value.get(name) is not None}
         value = value["results"]
     elif isinstance(value, dict) and isinstance(value.get("summaries"), list):  # `glide-hf bench --output-json`
+        for key in ("arguments", "settings"):
+            if value.get(key) is not None and not isinstance(value[key], dict):
+                raise ModelCardError(
+                    f"`results['{key}']` must be an object (as `glide-hf bench --output-json` writes it), found "
+                    f"{type(value[key]).__name__}."
+                )
+        for index, summary in enumerate(value["summaries"]):
+            if not isinstance(summary, dict):
+                raise ModelCardError(
+                    f"`results['summaries']` item {index} is a {type(summary).__name__}, expected an object of "
+                    "metrics."
+                )
         shared = {
             "dataset": (value.get("arguments") or {}).get("prompts"),
             "max_new_tokens": (value.get("settings") or {}).get("max_new_tokens"),
@@ -362,9 +401,7 @@ def _read_results(results) -> tuple[list[dict], dict]:
         tokens_per_second, baseline = row.get("tokens_per_second"), row.get("baseline_tokens_per_second")
         if "speedup" not in row and _is_number(tokens_per_second) and _is_number(baseline) and baseline > 0:
             row["speedup"] = tokens_per_second / baseline
-        for name in METRIC_COLUMNS:
-            if name in row and not _is_number(row[name]):
-                raise ModelCardError(f"`results` row {index}: `{name}` must be a number, found {row[name]!r}.")
+        _check_row(row, index)
         if any(name in row for name in METRIC_COLUMNS):
             rows.append(row)
     if not rows:
@@ -373,6 +410,22 @@ def _read_results(results) -> tuple[list[dict], dict]:
             "`tokens_per_target_forward` / `eval_tokens_per_target_forward` for tau)."
         )
     return rows, context
+
+
+def _check_row(row: dict, index: int) -> None:
+    for name, item in row.items():
+        if name in TEXT_COLUMNS:
+            if not isinstance(item, str):
+                raise ModelCardError(f"`results` row {index}: `{name}` must be a string (a name), found {item!r}.")
+        elif name == "tree_widths":
+            if not isinstance(item, list) or not all(isinstance(width, int) and _is_number(width) for width in item):
+                raise ModelCardError(
+                    f"`results` row {index}: `tree_widths` must be a list of integers, found {item!r}."
+                )
+        elif not _is_number(item):
+            raise ModelCardError(f"`results` row {index}: `{name}` must be a number, found {item!r}.")
+        elif not math.isfinite(item):
+            raise ModelCardError(f"`results` row {index}: `{name}` must be a finite number, found {item!r}.")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
@@ -387,6 +440,10 @@ def _load(value, name: str):
             return json.load(handle)
     except OSError as error:
         raise ModelCardError(f"The `{name}` file `{value}` cannot be read: {error}.") from error
+    except UnicodeDecodeError as error:
+        raise ModelCardError(
+            f"The `{name}` file `{value}` is not UTF-8 text ({error.reason} at byte {error.start}): expected JSON."
+        ) from error
     except json.JSONDecodeError as error:
         raise ModelCardError(
             f"The `{name}` file `{value}` is not valid JSON ({error.msg} at line {error.lineno}, column "
@@ -434,6 +491,7 @@ __all__ = [
     "MODEL_CARD_NAME",
     "MODEL_CARD_TAGS",
     "RESULT_COLUMNS",
+    "TEXT_COLUMNS",
     "glide_model_card",
     "write_model_card",
 ]
