@@ -21,11 +21,14 @@ import dataclasses
 import json
 import logging as pylogging
 import os
+import re
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -37,14 +40,15 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer import CONFIG_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_NAME, logging
 
 from .bench import count_forward_calls
 from .cli import cli_logging
 from .data import AnchorOffset, GlideDataCollator, PreparedData, prepare_data
-from .errors import GlideConfigError, TargetMismatchError, TargetNotFoundError
+from .errors import CheckpointFormatError, GlideConfigError, TargetMismatchError, TargetNotFoundError
 from .model_card import write_model_card
 from .modeling_glide import GlideForCausalLM
 
@@ -61,6 +65,8 @@ CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 # one saved again at the same step is moved to `checkpoint-N.replaced` until the new one has taken its name.
 CHECKPOINT_STAGING_SUFFIX = ".tmp"
 CHECKPOINT_REPLACED_SUFFIX = ".replaced"
+# Checkpoint files written with `torch.save` (zip archives).
+TORCH_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin")
 MODEL_CARD_TAGS = ["glide-hf-train"]
 
 
@@ -751,7 +757,8 @@ def check_output_dir(glide_args: GlideTrainingArguments, training_args: Training
 
 def _check_resumable(checkpoint: str) -> None:
     """Raise `GlideConfigError` unless `checkpoint` holds the weights, optimizer, scheduler and trainer state that
-    resuming reads (a `--save-only-model` or damaged checkpoint would otherwise restart warm-up and the optimizer)."""
+    resuming reads (a `--save-only-model` or damaged checkpoint would otherwise restart warm-up and the optimizer),
+    and `CheckpointFormatError` when one of those files is truncated or of another format."""
     if not os.path.isdir(checkpoint):
         raise GlideConfigError(f"The checkpoint to resume from, {checkpoint}, is not a folder.")
     names = set(os.listdir(checkpoint))
@@ -768,6 +775,73 @@ def _check_resumable(checkpoint: str) -> None:
             "learning-rate schedule. It may have been saved with `--save-only-model` or cut short. To train on from "
             "its weights as a new stage, pass `--init-draft` with it (and no `--resume`)."
         )
+    _check_checkpoint_files(checkpoint)
+
+
+def _check_checkpoint_files(checkpoint: str) -> None:
+    """Raise `CheckpointFormatError` when a file that resuming reads from `checkpoint` is truncated or of another
+    format, which Trainer would report from deep inside json, safetensors or torch, after the target and the data
+    were loaded.
+
+    Reads headers only: the JSON files parse (`trainer_state.json` as a Trainer state), each `*.safetensors` file's
+    header is whole (safetensors checks that it covers the file), and each `torch.save` file (`optimizer.pt`,
+    `scheduler.pt`, `rng_state*.pth`, ...) ends with the directory of its zip archive, which truncation cuts off.
+    """
+    damaged = []  # (file name, what is wrong with it)
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            continue  # FSDP's and DeepSpeed's folders: read by their own loaders
+        try:
+            if name == TRAINER_STATE_NAME:
+                TrainerState.load_from_json(path)
+            elif name == CONFIG_NAME or name.endswith(".index.json"):
+                with open(path, encoding="utf-8") as handle:
+                    json.load(handle)
+            elif name.endswith(".safetensors"):
+                with safe_open(path, framework="pt"):
+                    pass
+            elif name.endswith(TORCH_CHECKPOINT_SUFFIXES) and name != TRAINING_ARGS_NAME:  # not read on resume
+                with zipfile.ZipFile(path):
+                    pass
+        # JSON and text decoding errors are ValueErrors; a Trainer state of unknown fields is a TypeError.
+        except (ValueError, TypeError, EOFError, zipfile.BadZipFile, SafetensorError) as error:
+            damaged.append((name, f"{type(error).__name__}: {error}"))
+    if not damaged:
+        return
+    described = [f"`{name}` ({reason})" for name, reason in damaged]
+    files = f"its file {described[0]} is" if len(damaged) == 1 else f"its files {', '.join(described)} are"
+    earlier = _earlier_checkpoint(checkpoint)
+    remedy = f"Resume from an earlier checkpoint instead (`--resume-from-checkpoint {earlier or 'PATH'}`)"
+    # What `--init-draft` loads (`from_pretrained`): the config and the weights.
+    draft_files_damaged = any(
+        name == CONFIG_NAME or name.startswith("pytorch_model") or name.endswith((".safetensors", ".index.json"))
+        for name, _ in damaged
+    )
+    if not draft_files_damaged:
+        remedy += f", or train on from its weights as a new stage: `--init-draft {checkpoint}` (and no `--resume`)"
+    raise CheckpointFormatError(
+        f"The checkpoint {checkpoint} cannot be resumed: {files} truncated or not in the expected format (a save "
+        f"or copy cut short, or a file of another kind). {remedy}."
+    )
+
+
+def _earlier_checkpoint(checkpoint: str) -> str | None:
+    """The `checkpoint-M` folder beside `checkpoint-N` with the largest step M < N, if there is one."""
+    run_dir, name = os.path.split(os.path.normpath(checkpoint))
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+    match = pattern.fullmatch(name)
+    if match is None:
+        return None
+    run_dir = run_dir or "."
+    steps = [
+        int(other.group(1))
+        for other in map(pattern.fullmatch, os.listdir(run_dir))
+        if other is not None
+        and int(other.group(1)) < int(match.group(1))
+        and os.path.isdir(os.path.join(run_dir, other.group(0)))
+    ]
+    return os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}") if steps else None
 
 
 def resolve_checkpoint(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> str | None:
