@@ -1,5 +1,6 @@
 """Training a GLIDE draft with a stock `transformers.Trainer`: the draft learns, the frozen target stays frozen,
-checkpoints hold the draft only, resuming reproduces an uninterrupted run, and activation checkpointing works.
+checkpoints hold the draft only, resuming reproduces an uninterrupted run, and activation checkpointing works. A
+tokenizer with more tokens than the target's embedding has rows is refused before training.
 """
 
 import shutil
@@ -259,3 +260,61 @@ def test_fsdp_needs_a_full_state_dict_for_draft_only_checkpoints(monkeypatch, st
     else:
         with pytest.raises(GlideConfigError, match="fsdp_state_dict_type: FULL_STATE_DICT"):
             GlideTrainer()
+
+
+# --- tokenizer and target -------------------------------------------------------------------------------------------
+
+TINY_LLAMA_VOCAB_SIZE = 512  # conftest.py
+
+
+def tokenizer_with(num_tokens: int):
+    """The byte-level tokenizer of tiny_tokenizer.py (263 tokens) grown to `num_tokens` with added special tokens."""
+    from tiny_tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    extra = [f"<|extra_{index}|>" for index in range(num_tokens - len(tokenizer))]
+    tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
+    assert len(tokenizer) == num_tokens
+    return tokenizer
+
+
+def build_with_tokenizer(target: str, tokenizer: str | None, tmp_path: Path):
+    from tiny_training import DATA_FILE
+
+    from glide_hf.trainer import GlideTrainingArguments, build_glide_trainer
+
+    glide_args = GlideTrainingArguments(
+        target=target,
+        data=[str(DATA_FILE)],
+        tokenizer=tokenizer,
+        max_length=32,
+        data_cache_dir=str(tmp_path / "cache"),
+    )
+    return build_glide_trainer(glide_args, training_arguments(tmp_path / "out", max_steps=1))
+
+
+@pytest.mark.parametrize("num_tokens", [263, TINY_LLAMA_VOCAB_SIZE])
+def test_a_tokenizer_within_the_target_vocabulary_is_accepted(target_dir, tmp_path, num_tokens):
+    tokenizer_with(num_tokens).save_pretrained(tmp_path / "tokenizer")
+    trainer = build_with_tokenizer(target_dir, str(tmp_path / "tokenizer"), tmp_path)
+    assert len(trainer.processing_class) == num_tokens
+
+
+def test_a_tokenizer_larger_than_the_target_vocabulary_is_refused(target_dir, tmp_path):
+    from glide_hf import GlideConfigError
+
+    # One added special token past the embedding's 512 rows: its id, 512, has no row.
+    tokenizer_with(TINY_LLAMA_VOCAB_SIZE + 1).save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(GlideConfigError, match=r"has 513 tokens .*`vocab_size=512`.*own tokenizer") as raised:
+        build_with_tokenizer(target_dir, str(tmp_path / "tokenizer"), tmp_path)
+    assert f"`{tmp_path / 'tokenizer'}`" in str(raised.value)
+
+
+def test_a_target_folder_whose_own_tokenizer_outgrew_its_vocabulary_is_refused(target_dir, tmp_path):
+    from glide_hf import GlideConfigError
+
+    target = tmp_path / "target"
+    shutil.copytree(target_dir, target)
+    tokenizer_with(TINY_LLAMA_VOCAB_SIZE + 1).save_pretrained(target)
+    with pytest.raises(GlideConfigError, match=r"tokenizer of the target .* has 513 tokens .*`--tokenizer`"):
+        build_with_tokenizer(str(target), None, tmp_path)

@@ -314,6 +314,26 @@ def load_tokenizer(glide_args: GlideTrainingArguments):
     return tokenizer
 
 
+def check_tokenizer_fits_target(glide_args: GlideTrainingArguments, tokenizer, target: PreTrainedModel) -> None:
+    """Raise `GlideConfigError` when the tokenizer has more tokens (added and special ones included) than the
+    target's embedding has rows: the ids past them cannot be looked up. Fewer is common and fine (embeddings padded to
+    a multiple of 64 or 128, as Qwen2.5's 151,665 tokens in 152,064 rows)."""
+    num_tokens = len(tokenizer)
+    vocab_size = target.get_input_embeddings().num_embeddings
+    if num_tokens <= vocab_size:
+        return
+    if glide_args.tokenizer is not None:
+        source = f"The tokenizer `{glide_args.tokenizer}`"
+        remedy = "Pass the target's own tokenizer (or drop `--tokenizer` to load it from the target)."
+    else:
+        source = f"The tokenizer of the target `{glide_args.target}`"
+        remedy = "It holds tokens added after the target was trained: pass the original tokenizer with `--tokenizer`."
+    raise GlideConfigError(
+        f"{source} has {num_tokens} tokens (special tokens included), more than the target's embedding has rows "
+        f"(`vocab_size={vocab_size}`): token ids {vocab_size} and above cannot be looked up. {remedy}"
+    )
+
+
 def align_special_tokens(draft: GlideForCausalLM, tokenizer, target: PreTrainedModel) -> None:
     """Give the draft's config and generation config the tokenizer's special tokens (the target's EOS tokens kept
     too), as Trainer would otherwise do with a warning on every run: a new draft's config has none of its own."""
@@ -709,6 +729,7 @@ def build_glide_trainer(glide_args: GlideTrainingArguments, training_args: Train
     target = load_target(glide_args, training_args)
     draft = build_draft(glide_args, target)
     tokenizer = load_tokenizer(glide_args)
+    check_tokenizer_fits_target(glide_args, tokenizer, target)
     align_special_tokens(draft, tokenizer, target)
     data = build_data(glide_args, training_args, tokenizer)
     collator = build_collator(glide_args, training_args, tokenizer, target)
@@ -1048,6 +1069,7 @@ __all__ = [
     "build_data",
     "build_draft",
     "build_glide_trainer",
+    "check_tokenizer_fits_target",
     "load_target",
     "load_tokenizer",
     "parse_train_args",
