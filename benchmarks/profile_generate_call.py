@@ -1,9 +1,11 @@
 """Where the time of one `draft.generate()` call goes, at Llama-3-8B shape (random bf16 weights), batch 1.
 
-The engine's per-token cost is its replayed rounds; each call also pays its set-up, the eager prefill and the capture
-of its round's CUDA graph. This times those phases on the second of two identical calls (the first warms kernels and
-the round's code path, as a process serving requests would have), by wrapping the engine's functions: each phase is
-bracketed by device synchronisations, so the sum is slightly above an unwrapped call's wall time.
+The engine's per-token cost is its replayed rounds; each call also pays its set-up and the eager prefill, and the
+capture of its round's CUDA graph unless an earlier call with the same settings left it (`engine._KeptRound`). This
+times those phases on the second of two identical calls (the first warms kernels and the round's code path, as a
+process serving requests would have), twice: replaying the round the first call kept ("kept"), and after
+`draft.release_cuda_graphs()`, capturing it again ("captured"). Each phase is timed by wrapping the engine's
+functions and bracketed by device synchronisations, so the sum is slightly above an unwrapped call's wall time.
 
 Run: `python benchmarks/profile_generate_call.py --out DIR` (prints a table, writes profile_generate_call.json);
 `--tiny` checks the script on the CPU with a small model (no graphs there: every round is eager).
@@ -66,7 +68,7 @@ def instrument(timings: dict, counts: dict):
     return restore
 
 
-def profile_call(draft, prompt, new_tokens: int) -> dict:
+def profile_call(draft, prompt, new_tokens: int, capture: bool) -> dict:
     arguments = dict(
         max_new_tokens=new_tokens,
         do_sample=False,
@@ -76,6 +78,8 @@ def profile_call(draft, prompt, new_tokens: int) -> dict:
         return_dict_in_generate=True,
     )
     draft.generate(prompt, **arguments)  # warms the kernels and the round's code path
+    if capture:
+        draft.release_cuda_graphs()
     timings, counts = collections.defaultdict(float), collections.defaultdict(int)
     restore = instrument(timings, counts)
     try:
@@ -110,12 +114,16 @@ def main() -> int:
     results = {"device": device_name, "torch": torch.__version__, "calls": {}}
     print(f"{device_name} | torch {torch.__version__} | 128-token prompt, 5-token chain, forced 3.5 (benchmark only)")
     for new_tokens in args.new_tokens:
-        call = profile_call(draft, prompt, new_tokens)
-        results["calls"][str(new_tokens)] = call
-        print(f"\n{new_tokens} new tokens: {call['total_ms']:.1f} ms, {call['tokens_per_second']:.1f} tok/s")
-        for name, milliseconds in call["phases_ms"].items():
-            count = call["phase_counts"][name]
-            print(f"  {name:<58} {milliseconds:8.1f} ms  {count:4d}x")
+        results["calls"][str(new_tokens)] = {}
+        for mode in ("kept", "captured"):
+            call = profile_call(draft, prompt, new_tokens, capture=mode == "captured")
+            results["calls"][str(new_tokens)][mode] = call
+            print(
+                f"\n{new_tokens} new tokens, {mode}: {call['total_ms']:.1f} ms, {call['tokens_per_second']:.1f} tok/s"
+            )
+            for name, milliseconds in call["phases_ms"].items():
+                count = call["phase_counts"][name]
+                print(f"  {name:<58} {milliseconds:8.1f} ms  {count:4d}x")
     with open(os.path.join(args.out, "profile_generate_call.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     return 0

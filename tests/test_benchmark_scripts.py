@@ -5,6 +5,7 @@ the target's) holds on the CPU too.
 Each script runs in a fresh interpreter from benchmarks/, as the device scripts run it, with the Hub switched off.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -62,8 +63,8 @@ def test_quick_engine_benchmark_writes_its_steps(tmp_path):
 def test_call_profile_accounts_for_the_whole_call(tmp_path):
     run_benchmark("profile_generate_call.py", tmp_path, "--new-tokens", "16", "40")
     results = json.loads((tmp_path / "profile_generate_call.json").read_text())
-    for new_tokens in ("16", "40"):
-        call = results["calls"][new_tokens]
+    for new_tokens, mode in itertools.product(("16", "40"), ("kept", "captured")):
+        call = results["calls"][new_tokens][mode]
         assert call["new_tokens"] == int(new_tokens)
         phases = call["phases_ms"]
         assert call["phase_counts"]["prefill (target and draft, eager)"] == 1

@@ -886,3 +886,59 @@ def test_a_split_kernel_that_does_not_serve_the_target_is_refused():
     with pytest.raises(GlideConfigError, match="is not one of 'auto', 'triton', 'flash' or 'torch'"):
         draft.generate(prompt, split_kernel="fast", **settings)
     assert draft.generate(prompt, split_kernel="torch", **settings).shape == (1, 8)
+
+
+def test_calls_that_reuse_the_kept_buffers_equal_the_target(monkeypatch):
+    """With CUDA graphs a call writes its state into the buffers an earlier call with the same signature left
+    (`_KeptRound`), stale values included. Here every call shares one kept round, eagerly (no GPU): other prompts,
+    other padding, the draft's own vocabulary and a repetition penalty; each output stays the target's."""
+    from glide_hf import engine
+
+    kept = engine._KeptRound(("shared",))
+    monkeypatch.setattr(engine, "_kept_round", lambda draft, signature: kept)
+    target = build_target()
+    draft = build_draft(target, sliding_window=4)
+    draft.set_draft_vocabulary(range(VOCAB // 2, VOCAB))
+    settings = dict(max_new_tokens=14, do_sample=False, eos_token_id=None, repetition_penalty=1.2)
+    buffers = None
+    for seed in range(3):
+        lengths = (9, 9 - 2 * seed)
+        prompts = [random_ids(1, length, seed=seed * 10 + row)[0] for row, length in enumerate(lengths)]
+        ids, mask = left_pad(prompts)
+        out = draft.generate(ids, attention_mask=mask, **settings, **STRATEGIES["tree"])
+        for row, prompt in enumerate(prompts):
+            expected = target.generate(prompt[None], **settings)[0, prompt.shape[0] :]
+            assert torch.equal(out[row, ids.shape[1] :], expected), (seed, row)
+        current = {name: tensor.data_ptr() for name, tensor in kept.tensors.items()}
+        assert buffers is None or current == buffers  # the same storage every call
+        buffers = current
+    assert {"lengths", "output", "seen", "draft_head_weight", "rotary_cos"} <= set(buffers)
+
+
+def test_a_kept_buffer_of_another_shape_is_refused():
+    from glide_hf import CacheStateError
+    from glide_hf.engine import _KeptRound
+
+    kept = _KeptRound(("signature",))
+    first = torch.zeros(3)
+    assert kept.take("lengths", first) is first
+    assert kept.take("lengths", torch.ones(3)) is first and first.sum() == 3
+    with pytest.raises(CacheStateError, match="release_cuda_graphs"):
+        kept.take("lengths", torch.zeros(4))
+
+
+def test_copies_of_a_draft_start_without_the_engines_kept_state():
+    """CUDA graphs cannot be copied or pickled: `copy.deepcopy` and pickling give a draft with an empty state."""
+    import copy
+    import pickle
+
+    from glide_hf.engine import _KeptRound, engine_state
+
+    draft = build_draft(build_target())
+    state = engine_state(draft)
+    state.kept_round, state.warm_code_paths = _KeptRound(("signature",)), {"path"}
+    for copied in (copy.deepcopy(draft), pickle.loads(pickle.dumps(draft))):
+        assert engine_state(copied).kept_round is None and not engine_state(copied).warm_code_paths
+    assert engine_state(draft).kept_round is state.kept_round
+    draft.release_cuda_graphs()
+    assert engine_state(draft).kept_round is None

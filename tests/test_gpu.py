@@ -352,3 +352,100 @@ def test_the_engine_runs_on_a_gpu_that_is_not_the_current_device():
     out = draft.generate(prompt, max_new_tokens=24, num_draft_tokens=4, do_sample=False, eos_token_id=None)
     assert out.device == prompt.device
     assert torch.equal(out, target.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None))
+
+
+def count_captures(monkeypatch) -> list:
+    """Record every CUDA graph capture the engine starts (`torch.cuda.graph` blocks)."""
+    captures = []
+    original = torch.cuda.graph
+
+    def counting_graph(*args, **kwargs):
+        captures.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "graph", counting_graph)
+    return captures
+
+
+def test_a_later_call_with_the_same_settings_replays_the_kept_round_on_cuda(monkeypatch):
+    """Prompts of other lengths (within one slot step) and other tokens: later calls capture no round of the full
+    batch, and each output equals the eager engine's. Rows that finish early (rounds captured again for fewer rows,
+    on new buffers) leave the kept round intact for the next call."""
+    from glide_hf import engine
+
+    captured_batches = []
+    original = engine._compile_triton_kernels  # runs right before each capture
+    monkeypatch.setattr(
+        engine,
+        "_compile_triton_kernels",
+        lambda call, rows: captured_batches.append(len(rows.lengths)) or original(call, rows),
+    )
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    tree = dict(draft_strategy="tree", tree_widths=(3, 4))
+    draft.generate(random_ids(1, 8).cuda(), max_new_tokens=4, **tree)  # the code path's warm-up round, once
+    # Token 5 is row 0's fifth new token in each call and never among rows 1 and 2's (found for these seeds on the
+    # CPU): row 0 leaves the batch after a few rounds, the others go on.
+    settings = dict(max_new_tokens=40, do_sample=False, eos_token_id=5, **tree)
+    for call, (length, seed) in enumerate([(20, 121), (33, 121), (27, 103)]):
+        prompts = [random_ids(1, length, seed=seed)[0].cuda()]
+        prompts += [random_ids(1, length - 5 * row, seed=length + row)[0].cuda() for row in (1, 2)]
+        ids, mask = left_pad(prompts)
+        captured_batches.clear()
+        out = draft.generate(ids, attention_mask=mask, **settings)
+        assert torch.equal(out, draft.generate(ids, attention_mask=mask, use_cuda_graphs=False, **settings))
+        if call == 0:
+            kept = engine.engine_state(draft).kept_round
+            assert captured_batches[0] == 3 and len(captured_batches) > 1, captured_batches  # rows did finish early
+        else:
+            assert engine.engine_state(draft).kept_round is kept
+            assert 3 not in captured_batches, captured_batches
+
+
+def test_a_kept_round_replays_with_draft_weights_changed_in_place_on_cuda():
+    """The fused projections are refreshed into the kept storage at each call: after an in-place change of the
+    draft's weights, a replayed round drafts exactly as a freshly captured one (same seed, sampled chains, whose
+    acceptance reads the draft's probabilities)."""
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    prompt = random_ids(1, 16).cuda()
+    settings = dict(max_new_tokens=48, do_sample=True, temperature=1.5, eos_token_id=None, num_draft_tokens=4)
+
+    def sampled():
+        torch.manual_seed(7)
+        return draft.generate(prompt, **settings, return_dict_in_generate=True)
+
+    before = sampled()
+    with torch.no_grad():
+        for module in (draft.model.layer.self_attn, draft.model.layer.mlp):
+            for linear in module.modules():
+                if isinstance(linear, torch.nn.Linear):
+                    linear.weight.mul_(-1.0)
+    replayed = sampled()
+    draft.release_cuda_graphs()
+    fresh = sampled()
+    assert torch.equal(replayed.sequences, fresh.sequences)
+    assert torch.equal(replayed.accepted_per_round, fresh.accepted_per_round)
+    assert not torch.equal(before.sequences, replayed.sequences)  # the change did change the draws
+
+
+def test_another_slot_step_or_batch_captures_again_and_release_frees_the_memory_on_cuda(monkeypatch):
+    import copy
+
+    from glide_hf.engine import GRAPH_SLOT_STEP, engine_state
+
+    target = build_target().cuda()
+    draft = build_draft(target).cuda()
+    captures = count_captures(monkeypatch)
+    settings = dict(max_new_tokens=16, do_sample=False, eos_token_id=None)
+    for batch, length in ((1, 10), (1, 10 + GRAPH_SLOT_STEP), (2, 10)):
+        prompt = random_ids(batch, length, seed=length).cuda()
+        captured_before = len(captures)
+        assert torch.equal(draft.generate(prompt, **settings), target.generate(prompt, **settings))
+        assert len(captures) > captured_before  # a new signature: captured again
+    assert copy.deepcopy(draft).generate(prompt, **settings).shape == (2, 26)  # copies start without graphs
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    draft.release_cuda_graphs()
+    assert engine_state(draft).kept_round is None
+    assert torch.cuda.memory_allocated() < held

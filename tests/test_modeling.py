@@ -421,3 +421,20 @@ def test_fused_for_inference_leaves_lora_projections_separate():
         assert layer.mlp.fused_gate_up is not None  # no adapters on the MLP here
         out = peft_draft(input_ids=random_ids(1, 10), draft_lag=2).logits
     assert torch.isfinite(out).all()
+
+
+def test_fused_projections_are_refreshed_into_kept_storage():
+    """`fused_for_inference(kept_weights)` writes each block's concatenated weights into the same tensors (a CUDA
+    graph captured earlier reads them), with the current weights."""
+    draft = build_draft(build_target())
+    attention = draft.model.layer.self_attn
+    kept = {}
+    with torch.no_grad(), draft.fused_for_inference(kept):
+        weight, _ = attention.fused_qkv
+    attention.q_proj.weight.data.mul_(2)
+    with torch.no_grad(), draft.fused_for_inference(kept):
+        refreshed, _ = attention.fused_qkv
+        rows = attention.q_proj.weight.shape[0]
+        assert refreshed.data_ptr() == weight.data_ptr()
+        assert torch.equal(refreshed[:rows], attention.q_proj.weight)
+    assert attention.fused_qkv is None and len(kept) == 2  # the attention's and the MLP's

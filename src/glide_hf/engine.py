@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
-from .errors import GlideConfigError, TargetNotAttachedError, UnsupportedGenerationError
+from .errors import CacheStateError, GlideConfigError, TargetNotAttachedError, UnsupportedGenerationError
 from .norm_kernel import triton_rms_norms
 from .sampling import (
     apply_repetition_penalty,
@@ -68,6 +68,10 @@ __all__ = ["GlideGenerateOutput", "glide_generate"]
 # The draft's ring holds its window plus the two tokens each round's first draft step writes (the last accepted
 # token and the root), so that writing them never evicts a key some query of that step still needs.
 RING_SLACK = 2
+
+# With CUDA graphs the target cache's slot count is rounded up to a multiple of this, so that calls whose prompts
+# differ in length by less share one captured round (`_KeptRound`); each extra slot costs one token of KV memory.
+GRAPH_SLOT_STEP = 256
 
 
 @dataclass
@@ -147,6 +151,87 @@ class _Call:
     accepted: list = field(default_factory=list)
     num_target_forwards: int = 0
     forced_rounds: torch.Tensor | None = None  # benchmark only: rounds run so far, on the device (a 0-d float64)
+
+
+class _KeptRound:
+    """The buffers a captured round reads and writes, with its graphs, kept on the draft from one `generate` call to
+    the next with the same `signature`.
+
+    A CUDA graph replays fixed addresses. A later call with the same signature (batch, cache size, sampling settings,
+    the models' own tensors, ...) writes its state into these buffers instead of allocating new ones, and replays the
+    kept graphs instead of capturing them again (about 50 ms per call at Llama-3-8B size, docs/benchmarks.md). Only
+    the full batch's graphs are kept: the rounds after finished rows leave the batch run on new, smaller buffers.
+    """
+
+    def __init__(self, signature: tuple | None) -> None:
+        self.signature = signature
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.fused_weights: dict = {}  # the draft's concatenated projections (`fused_for_inference(kept_weights)`)
+        self.target_cache: SlotCache | None = None
+        self.draft_cache: DraftRingCache | None = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, _RoundResult]] = {}  # tree size -> graph, its result
+
+    def take(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` in the kept buffer `name`: copied into it, or kept itself the first time."""
+        kept = self.tensors.get(name)
+        if kept is None:
+            self.tensors[name] = value
+            return value
+        if kept.shape != value.shape or kept.dtype != value.dtype or kept.device != value.device:
+            raise CacheStateError(
+                f"The engine's kept buffer `{name}` {tuple(kept.shape)} does not fit this call's "
+                f"{tuple(value.shape)}: call `draft.release_cuda_graphs()` and report this as a bug."
+            )
+        return kept.copy_(value)
+
+
+class _EngineState:
+    """What the engine keeps on a draft between calls: the code paths whose warm-up round has run, and the last
+    call's captured round. Copies of the draft (`copy.deepcopy`, pickling) start empty: graphs cannot be copied."""
+
+    def __init__(self) -> None:
+        self.warm_code_paths: set = set()
+        self.kept_round: _KeptRound | None = None
+
+    def __deepcopy__(self, memo) -> "_EngineState":
+        return _EngineState()
+
+    def __reduce__(self):
+        return (_EngineState, ())
+
+
+def engine_state(draft) -> _EngineState:
+    state = getattr(draft, "_glide_engine_state", None)
+    if state is None:
+        state = draft._glide_engine_state = _EngineState()
+    return state
+
+
+def release_cuda_graphs(draft) -> None:
+    """Drop the captured round and the buffers the engine keeps on `draft` between calls (see `_KeptRound`)."""
+    engine_state(draft).kept_round = None
+
+
+def _kept_round(draft, signature: tuple | None) -> _KeptRound:
+    """The kept round for `signature` (None: a call without CUDA graphs, which keeps nothing). Another signature's
+    round is dropped first, so that its buffers are free before this call allocates its own."""
+    if signature is None:
+        return _KeptRound(None)
+    state = engine_state(draft)
+    if state.kept_round is None or state.kept_round.signature != signature:
+        state.kept_round = None
+        state.kept_round = _KeptRound(signature)
+    return state.kept_round
+
+
+def _graph_signature(draft, input_ids: torch.Tensor, settings: tuple) -> tuple:
+    """What a captured round depends on besides the values in its buffers: the inputs' batch and device, the call's
+    settings, and the address, shape and dtype of every tensor of both models (a graph reads them in place, so
+    moved or reloaded weights need a new capture; weights changed in place do not)."""
+    model_tensors = tuple(
+        (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) for tensor in (*draft.parameters(), *draft.buffers())
+    )
+    return (input_ids.shape[0], str(input_ids.device), settings, model_tensors)
 
 
 def glide_generate(
@@ -260,10 +345,33 @@ def glide_generate(
         raise UnsupportedGenerationError("`use_cuda_graphs=True` needs the inputs and the models on a CUDA device.")
     if use_cuda_graphs is None:
         use_cuda_graphs = input_ids.is_cuda and not per_node_histories
+    num_slots = _slots_needed(prompt_length, max_new_tokens, policy)
+    signature = None
+    if use_cuda_graphs:
+        num_slots = -(-num_slots // GRAPH_SLOT_STEP) * GRAPH_SLOT_STEP
+        settings = (
+            num_slots,
+            max_new_tokens,
+            config.min_new_tokens,
+            policy,
+            adaptive,
+            forced_acceptance,
+            *(getattr(config, name) for name in ("do_sample", "temperature", "top_k", "top_p", "min_p")),
+            _repetition_penalty(config),
+            tuple(eos_token_ids),
+            verify_attention,
+            split_kernel,
+            split_verify_min_slots,
+            None if draft.draft_vocab_ids is None else draft.draft_vocab_ids.numel(),
+            target.config._attn_implementation,
+            draft.config._attn_implementation,
+        )
+        signature = _graph_signature(draft, input_ids, settings)
+    kept = _kept_round(draft, signature)
 
     # The inputs' GPU is the current device for the call: CUDA graphs capture, and Triton launches, on the current one.
     on_device = torch.cuda.device(input_ids.device) if input_ids.is_cuda else contextlib.nullcontext()
-    with on_device, torch.no_grad(), draft.fused_for_inference(), triton_rms_norms(target):
+    with on_device, torch.no_grad(), draft.fused_for_inference(kept.fused_weights), triton_rms_norms(target):
         history_processors = None
         if per_node_histories:
             target._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)
@@ -291,6 +399,8 @@ def glide_generate(
             stopping_criteria,
             forced_acceptance,
             history_processors,
+            num_slots=num_slots,
+            kept=kept,
         )
         call.use_cuda_graphs = use_cuda_graphs
         cache_keys = call.target_cache.layers[0].keys
@@ -308,11 +418,12 @@ def glide_generate(
         output = torch.full(
             (batch, max_new_tokens + policy.num_nodes), pad_token_id, dtype=torch.long, device=input_ids.device
         )
+        output = kept.take("output", output)
         output[:, 0] = first_tokens
         if streamer is not None:
             streamer.put(first_tokens.cpu())
         _drop(call, rows, _finished_rows(call, rows, output))
-        runner = _RoundRunner(call, rows, output)
+        runner = _RoundRunner(call, rows, output, kept.graphs)
         while rows.index.numel() > 0:
             result = runner.step()
             call.num_target_forwards += 1
@@ -389,15 +500,19 @@ def _choose_split_kernel(requested: str, cache_keys: torch.Tensor, split_verify:
     return requested
 
 
-def _draft_head(draft) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """The draft's token ids (None: all), and the LM head rows it drafts with, gathered once per call."""
+def _draft_head(
+    draft, kept: _KeptRound | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """The draft's token ids (None: all), and the LM head rows it drafts with, gathered once per call (into `kept`'s
+    buffers where it has them)."""
+    kept = kept if kept is not None else _KeptRound(None)
     head = draft.get_output_embeddings()
     ids = draft.draft_vocab_ids
     if ids is None:
         return None, head.weight, head.bias
-    ids = ids.to(head.weight.device)
-    bias = None if head.bias is None else head.bias.index_select(0, ids)
-    return ids, head.weight.index_select(0, ids), bias
+    ids = kept.take("draft_vocab_ids", ids.to(head.weight.device))
+    bias = None if head.bias is None else kept.take("draft_head_bias", head.bias.index_select(0, ids))
+    return ids, kept.take("draft_head_weight", head.weight.index_select(0, ids)), bias
 
 
 def _rotary_table(draft, target, num_positions: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -507,10 +622,17 @@ def _prefill(
     stopping_criteria,
     forced_acceptance,
     history_processors=None,
+    num_slots: int | None = None,
+    kept: _KeptRound | None = None,
 ):
-    """Run the target over the prompts, fill both caches and sample each row's first new token."""
+    """Run the target over the prompts, fill both caches and sample each row's first new token. The target cache
+    has `num_slots` slots (default: as many as the call can write); the caches and the call's tensors are `kept`'s
+    where it has them."""
     device = input_ids.device
     batch, prompt_length = input_ids.shape
+    if num_slots is None:
+        num_slots = _slots_needed(prompt_length, max_new_tokens, policy)
+    kept = kept if kept is not None else _KeptRound(None)
     # Left-align every row (padding last): row b then occupies slots 0..length_b - 1 of every cache.
     order = torch.sort((attention_mask == 0).long(), dim=1, stable=True).indices
     aligned = input_ids.gather(1, order)
@@ -530,24 +652,30 @@ def _prefill(
     last_hidden = hidden.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))
     first_logits = target.get_output_embeddings()(last_hidden).float()  # [B, 1, V]
 
-    num_slots = prompt_length + max_new_tokens + policy.num_nodes + 1
     keys = prefill_cache.layers[0].keys
-    target_cache = SlotCache.allocate(num_layers, batch, keys.shape[1], num_slots, keys.shape[-1], keys.dtype, device)
+    if kept.target_cache is None:
+        kept.target_cache = SlotCache.allocate(
+            num_layers, batch, keys.shape[1], num_slots, keys.shape[-1], keys.dtype, device
+        )
+    target_cache = kept.target_cache
     for slot_layer, layer in zip(target_cache.layers, prefill_cache.layers):
         slot_layer.keys[:, :, :prompt_length] = layer.keys
         slot_layer.values[:, :, :prompt_length] = layer.values
     del prefill_cache
 
     window = draft.config.sliding_window
-    draft_cache = DraftRingCache.allocate_ring(
-        batch,
-        draft.config.num_key_value_heads,
-        window + RING_SLACK,
-        policy.num_nodes,
-        draft.config.head_dim,
-        draft.model.layer.self_attn.k_proj.weight.dtype,
-        device,
-    )
+    if kept.draft_cache is None:
+        kept.draft_cache = DraftRingCache.allocate_ring(
+            batch,
+            draft.config.num_key_value_heads,
+            window + RING_SLACK,
+            policy.num_nodes,
+            draft.config.head_dim,
+            draft.model.layer.self_attn.k_proj.weight.dtype,
+            device,
+        )
+    draft_cache = kept.draft_cache
+    draft_cache.reset()
     # The draft's prompt: only the keys/values of the last `window` tokens, the only ones later steps can see.
     span = min(window, prompt_length)
     draft_positions = lengths[:, None] - span + torch.arange(span, device=device)[None]  # [B, span]
@@ -560,11 +688,11 @@ def _prefill(
     draft_cache.record_positions(slots, torch.where(present, draft_positions, -1))
 
     rows = _Rows(
-        index=torch.arange(batch, device=device),
-        lengths=lengths,
-        roots=torch.zeros(batch, dtype=torch.long, device=device),
-        previous=aligned.gather(1, (lengths - 1)[:, None])[:, 0],
-        generated=torch.zeros(batch, dtype=torch.long, device=device),
+        index=kept.take("index", torch.arange(batch, device=device)),
+        lengths=kept.take("lengths", lengths),
+        roots=kept.take("roots", torch.zeros(batch, dtype=torch.long, device=device)),
+        previous=kept.take("previous", aligned.gather(1, (lengths - 1)[:, None])[:, 0]),
+        generated=kept.take("generated", torch.zeros(batch, dtype=torch.long, device=device)),
     )
     call = _Call(
         draft=draft,
@@ -582,18 +710,24 @@ def _prefill(
         prompts=input_ids,
         num_target_forwards=1,
         new_tokens=torch.zeros(batch, dtype=torch.long, device=device),
-        eos_tensor=torch.tensor(eos_token_ids, dtype=torch.long, device=device),
-        cape_bins=torch.tensor(policy.cape_bins, dtype=torch.long, device=device) if policy.cape_bins else None,
+        eos_tensor=kept.take("eos", torch.tensor(eos_token_ids, dtype=torch.long, device=device)),
+        cape_bins=kept.take("cape_bins", torch.tensor(policy.cape_bins, dtype=torch.long, device=device))
+        if policy.cape_bins
+        else None,
         use_cuda_graphs=False,
         split_verify=False,
         split_kernel="torch",
         history_processors=history_processors,
         repetition_penalty=None if history_processors is not None else _repetition_penalty(config),
         # Made here, not in the first round: a tensor created inside a captured round is re-made at every replay.
-        forced_rounds=None if forced_acceptance is None else torch.zeros((), dtype=torch.float64, device=device),
+        forced_rounds=None
+        if forced_acceptance is None
+        else kept.take("forced_rounds", torch.zeros((), dtype=torch.float64, device=device)),
     )
-    call.draft_vocab_ids, call.draft_head_weight, call.draft_head_bias = _draft_head(draft)
-    call.rotary_table = _rotary_table(draft, target, num_slots + policy.depth + 1, device)
+    call.draft_vocab_ids, call.draft_head_weight, call.draft_head_bias = _draft_head(draft, kept)
+    rotary_table = _rotary_table(draft, target, num_slots + policy.depth + 1, device)
+    if rotary_table is not None:
+        call.rotary_table = (kept.take("rotary_cos", rotary_table[0]), kept.take("rotary_sin", rotary_table[1]))
     root_tree = DraftTree.start(rows.roots, 1)
     if history_processors is not None:
         first_logits = torch.cat(
@@ -607,7 +741,7 @@ def _prefill(
         if call.repetition_penalty is not None:
             # The prompt's tokens; padding slots repeat the row's first token, which is a prompt token anyway.
             tokens = torch.where(aligned_mask.bool(), aligned, aligned[:, :1])
-            rows.seen = torch.zeros(batch, first_logits.shape[-1], dtype=torch.bool, device=device)
+            rows.seen = kept.take("seen", torch.zeros(batch, first_logits.shape[-1], dtype=torch.bool, device=device))
             rows.seen.scatter_(1, tokens, True)
             first_logits = apply_repetition_penalty(
                 first_logits, rows.seen, tokens[:, :1, None], call.repetition_penalty
@@ -619,6 +753,11 @@ def _prefill(
         rows.seen.scatter_(1, first.next_token[:, None], True)
     rows.generated += 1
     return call, rows, first.next_token
+
+
+def _slots_needed(prompt_length: int, max_new_tokens: int, policy: TreePolicy) -> int:
+    """The target cache's slots for a call: the prompt, the new tokens, one round's tree and one more."""
+    return prompt_length + max_new_tokens + policy.num_nodes + 1
 
 
 def _repetition_penalty(config: GenerationConfig) -> float | None:
@@ -655,16 +794,14 @@ class _RoundRunner:
     launch its kernels on the wrong device.)
     """
 
-    def __init__(self, call: _Call, rows: _Rows, output: torch.Tensor) -> None:
+    def __init__(self, call: _Call, rows: _Rows, output: torch.Tensor, graphs: dict) -> None:
         self.call, self.rows, self.output = call, rows, output
-        # One graph per tree shape (a chain's length changes under the heuristic schedule), with its result.
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, _RoundResult]] = {}
+        # One graph per tree shape (a chain's length changes under the heuristic schedule), with its result: at
+        # first the kept round's (`_KeptRound.graphs`), captured by an earlier call on the same buffers.
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, _RoundResult]] = graphs
         self.warm: set[int] = set()
         self.side_stream: torch.cuda.Stream | None = None  # made at the first warm-up or capture, on the round's GPU
-        draft = call.draft
-        if getattr(draft, "_warm_round_code_paths", None) is None:
-            draft._warm_round_code_paths = set()
-        self.warm_code_paths: set = draft._warm_round_code_paths
+        self.warm_code_paths: set = engine_state(call.draft).warm_code_paths
 
     def invalidate(self) -> None:
         self.graphs, self.warm = {}, set()
@@ -1062,8 +1199,8 @@ def _drop(call: _Call, rows: _Rows, finished: torch.Tensor, any_finished: bool |
     call.new_tokens[rows.index[finished]] = rows.generated[finished]
     keep = (~finished).nonzero().squeeze(-1)
     rows.select(keep)
-    call.target_cache.select_rows(keep)
-    call.draft_cache.select_rows(keep)
+    call.target_cache = call.target_cache.selected(keep)
+    call.draft_cache = call.draft_cache.selected(keep)
     return True
 
 

@@ -44,7 +44,7 @@ from transformers.utils import hub as transformers_hub
 from transformers.utils import logging
 
 from .configuration_glide import GlideConfig, check_target_compatibility
-from .engine import glide_generate
+from .engine import glide_generate, release_cuda_graphs
 from .errors import (
     CacheStateError,
     CheckpointFormatError,
@@ -113,15 +113,31 @@ def _rotate_for_inference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return apply_rotary(x, cos, sin, heads_dim)
 
 
-def _concatenated_linear(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several linear layers that read the same input: outputs side by side."""
-    weight = torch.cat([linear.weight for linear in linears])
+def _concatenated_linear(
+    linears: list[nn.Linear], out: tuple[torch.Tensor, torch.Tensor | None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linear layers that read the same input: outputs side by side. With `out`
+    (an earlier result for the same layers), written into its tensors."""
+    out_weight, out_bias = out if out is not None else (None, None)
+    weight = torch.cat([linear.weight for linear in linears], out=out_weight)
     if all(linear.bias is None for linear in linears):
         return weight, None
     biases = [
         linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features) for linear in linears
     ]
-    return weight, torch.cat(biases)
+    return weight, torch.cat(biases, out=out_bias)
+
+
+def _reusable(out, linears: list[nn.Linear]):
+    """`out` when it can take the concatenation of `linears` (same total shape, dtype and device), else None."""
+    if out is None:
+        return None
+    weight, bias = out
+    first = linears[0].weight
+    rows = sum(linear.out_features for linear in linears)
+    has_bias = any(linear.bias is not None for linear in linears)
+    fits = weight.shape == (rows, first.shape[1]) and weight.dtype == first.dtype and weight.device == first.device
+    return out if fits and (bias is not None) == has_bias else None
 
 
 def _plain_linears(*modules: nn.Module) -> bool:
@@ -182,12 +198,18 @@ class GlideMLP(nn.Module):
             return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
-    def fuse_projections(self) -> bool:
-        """Concatenate the gate and up projections into one GEMM (inference); False where they are not plain."""
-        if not _plain_linears(self.gate_proj, self.up_proj):
+    def fuse_projections(self, out: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> bool:
+        """Concatenate the gate and up projections into one GEMM (inference), into `out`'s tensors where they fit;
+        False where the projections are not plain."""
+        linears = [self.gate_proj, self.up_proj]
+        if not _plain_linears(*linears):
             return False
-        self.fused_gate_up = _concatenated_linear([self.gate_proj, self.up_proj])
+        self.fused_gate_up = _concatenated_linear(linears, _reusable(out, linears))
         return True
+
+    @property
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return self.fused_gate_up
 
     def unfuse_projections(self) -> None:
         self.fused_gate_up = None
@@ -213,13 +235,18 @@ class GlideAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
         self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by `fused_for_inference`
 
-    def fuse_projections(self) -> bool:
+    def fuse_projections(self, out: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> bool:
         """Concatenate the query, key and value projections into one GEMM, whose query and key heads are then
-        rotated together (inference); False where they are not plain."""
-        if not _plain_linears(self.q_proj, self.k_proj, self.v_proj):
+        rotated together (inference), into `out`'s tensors where they fit; False where they are not plain."""
+        linears = [self.q_proj, self.k_proj, self.v_proj]
+        if not _plain_linears(*linears):
             return False
-        self.fused_qkv = _concatenated_linear([self.q_proj, self.k_proj, self.v_proj])
+        self.fused_qkv = _concatenated_linear(linears, _reusable(out, linears))
         return True
+
+    @property
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return self.fused_qkv
 
     def unfuse_projections(self) -> None:
         self.fused_qkv = None
@@ -600,7 +627,7 @@ class GlidePreTrainedModel(PreTrainedModel):
         return self
 
     @contextlib.contextmanager
-    def fused_for_inference(self) -> Iterator[None]:
+    def fused_for_inference(self, kept_weights: dict | None = None) -> Iterator[None]:
         """Inside the block the draft runs fewer, larger kernels, which counts in a draft step at batch 1 (bound by
         how many kernels it launches; the engine decodes inside this block):
         - the self-attention computes query, key and value with one GEMM (query and key heads rotated together) and
@@ -612,12 +639,17 @@ class GlidePreTrainedModel(PreTrainedModel):
           prefix of the target cache in parallel chunks (`tree_attention.prefix_attention`) instead of sdpa over a
           mask of the whole cache.
         Inference only: where gradients are enabled the draft takes its ordinary path (the copies and the Triton
-        kernels would not pass gradients to the draft's weights)."""
-        fused = [
-            module
-            for module in self.modules()
-            if isinstance(module, (GlideAttention, GlideMLP)) and module.fuse_projections()
-        ]
+        kernels would not pass gradients to the draft's weights).
+
+        `kept_weights` (a dict, empty at first) keeps the copies' storage from one block to the next: each block
+        copies the current weights into the same tensors, so a CUDA graph captured in an earlier block reads them
+        (the engine keeps its captured rounds between calls)."""
+        kept_weights = {} if kept_weights is None else kept_weights
+        fused = []
+        for name, module in self.named_modules():
+            if isinstance(module, (GlideAttention, GlideMLP)) and module.fuse_projections(kept_weights.get(name)):
+                kept_weights[name] = module.fused_weights
+                fused.append(module)
         kernel_users = [module for module in self.modules() if isinstance(module, (GlideRMSNorm, GlideCrossAttention))]
         for module in kernel_users:
             module.use_triton_kernel = True
@@ -1242,7 +1274,8 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
                 (a greedy spine of `num_draft_tokens` with confidence-dependent side candidates, `cape_bins`).
             num_draft_tokens (`int`, *optional*): draft depth; defaults to `config.num_draft_tokens`.
             kwargs: `stopping_criteria`, `streamer`, `use_cuda_graphs` (default: on when the inputs are on CUDA;
-                each round is then replayed as one captured CUDA graph), `verify_attention` (`"auto"`, `"split"` or
+                each round is then replayed as one captured CUDA graph, kept with its buffers for the next call with
+                the same settings: see `release_cuda_graphs`), `verify_attention` (`"auto"`, `"split"` or
                 `"masked"`: how the verify forward attends, see `glide_hf.engine.glide_generate`), `split_kernel`
                 (`"auto"`, `"triton"`, `"flash"` or `"torch"`: the split attention's kernel),
                 `num_draft_tokens_schedule` (`"constant"` or `"heuristic"`: a chain whose length adapts), and
@@ -1267,6 +1300,16 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             cape_bins=cape_bins,
             **kwargs,
         )
+
+    def release_cuda_graphs(self) -> None:
+        """Free the CUDA graph and the buffers that `generate` keeps from one call to the next.
+
+        With CUDA graphs, `generate` keeps its last captured round with the buffers it reads (the target's KV cache
+        for the call's context, the draft's ring, the row state) on the draft, so that the next call with the same
+        batch size, settings and cache size (prompt lengths within `engine.GRAPH_SLOT_STEP` tokens of each other)
+        replays it instead of capturing a new one. Call this to give that GPU memory back, e.g. before training.
+        """
+        release_cuda_graphs(self)
 
     def _draft_for_assisted_decoding(self, input_ids, generation_config, **kwargs):
         """Draft tokens for `target.generate(..., assistant_model=draft)`.

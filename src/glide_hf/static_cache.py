@@ -56,8 +56,9 @@ class SlotLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.keys.shape[-2]
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self._set_storage(self.key_storage[rows], self.value_storage[rows])
+    def selected(self, rows: torch.Tensor) -> "SlotLayer":
+        """A new layer holding copies of rows `rows` `[B']` (this one is left as it is)."""
+        return SlotLayer(self.key_storage[rows], self.value_storage[rows])
 
     def move_slots(self, source: torch.Tensor, destination: torch.Tensor) -> None:
         """Copy slots `source` `[B, M]` to `destination` `[B, M]` in every row (gather first: they may overlap)."""
@@ -98,9 +99,10 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.write_slots = slots
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer.select_rows(rows)
+    def selected(self, rows: torch.Tensor) -> "SlotCache":
+        """A new cache holding copies of rows `rows` `[B']`. This one is left as it is: a CUDA graph captured on its
+        buffers (which the engine keeps between calls) must find them unchanged."""
+        return SlotCache([layer.selected(rows) for layer in self.layers])
 
     def move_slots(self, source: torch.Tensor, destination: torch.Tensor) -> None:
         for layer in self.layers:
@@ -148,6 +150,11 @@ class DraftRingCache(SlotCache):
         ring = self.slot_positions[:, : self.ring_size]
         ring.masked_fill_(ring > root_positions[:, None], -1)
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        super().select_rows(rows)
-        self.slot_positions = self.slot_positions[rows]
+    def reset(self) -> None:
+        """Forget every slot (a new call reusing this cache): no slot holds a position."""
+        self.slot_positions.fill_(-1)
+
+    def selected(self, rows: torch.Tensor) -> "DraftRingCache":
+        cache = DraftRingCache([layer.selected(rows) for layer in self.layers], self.ring_size, self.tree_slots)
+        cache.slot_positions = self.slot_positions[rows]
+        return cache
