@@ -259,6 +259,28 @@ def test_a_malformed_jsonl_line_names_the_file_and_line(target_dir, tmp_path):
     assert not (tmp_path / "out.jsonl").exists()  # checked before anything is generated
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("in.parquet", b"PAR1 not really parquet PAR1", r"in.parquet` is not a readable Parquet file"),
+        ("in.json", b'[{"source": "caf\xe9"}]', r"in.json:1: not UTF-8 text"),
+    ],
+)
+def test_an_unreadable_input_file_names_the_file(name, content, message, target_dir, tmp_path):
+    data = tmp_path / name
+    data.write_bytes(content)
+    with pytest.raises(DataFormatError, match=message):
+        run(target_dir, str(data), tmp_path / "out.jsonl")
+
+
+def test_a_json_file_of_json_lines_names_the_file_and_line_of_each_record(target_dir, tmp_path):
+    """A `.json` file holding one record per line is read as JSON Lines: a bad record is named by its line."""
+    data = tmp_path / "in.json"
+    data.write_text('{"source": "a"}\n{"question": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"in.json:2: "):
+        run(target_dir, str(data), tmp_path / "out.jsonl")
+
+
 def test_skip_bad_lines_skips_and_counts_them(target_dir, tmp_path):
     data = tmp_path / "in.jsonl"
     data.write_text('{"source": "a"}\n{"source": "b"\n{"source": 3}\n{"source": "c"}\n', encoding="utf-8")

@@ -167,14 +167,17 @@ def _unreadable_errors() -> tuple[type[Exception], ...]:
     return (pa.ArrowException, OSError, ValueError, KeyError, TypeError, AttributeError)
 
 
-def _iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
+def _iter_parquet(path: str, known_fields_only: bool = True) -> Iterator[tuple[str, Any]]:
+    """`(row i, record)` of a Parquet file, read batch by batch; with `known_fields_only`, only the columns the
+    data formats read. A damaged or foreign file raises `DataFormatError`."""
     import pyarrow.parquet as pq
 
     errors = _unreadable_errors()
     row = 0
     try:
         parquet = pq.ParquetFile(path)
-        columns = [name for name in parquet.schema_arrow.names if name in _KNOWN_FIELDS] or None
+        known = [name for name in parquet.schema_arrow.names if name in _KNOWN_FIELDS]
+        columns = (known or None) if known_fields_only else None
         batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
     except errors as error:
         raise _not_parquet(path, row, error) from error

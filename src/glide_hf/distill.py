@@ -42,7 +42,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from transformers.utils import logging
 
 from .cli import cli_logging
-from .data import BadRecord, DataSource, check_chat_template, iter_jsonl, resolve_sources
+from .data import (
+    BadRecord,
+    DataSource,
+    _iter_json,
+    _iter_parquet,
+    _load_from_disk,
+    check_chat_template,
+    iter_jsonl,
+    resolve_sources,
+)
 from .errors import DataFormatError, EmptyDatasetError, GlideConfigError, ResumeMismatchError, TargetNotFoundError
 
 logger = logging.get_logger(__name__)
@@ -50,7 +59,6 @@ logger = logging.get_logger(__name__)
 DistillFormat = Literal["auto", "text", "chat", "source_target"]
 DISTILL_FORMATS = ("text", "chat", "source_target")
 TARGET_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-PARQUET_BATCH_ROWS = 1024
 # Bad records named in the skipped-records warning; the count covers all.
 MAX_REPORTED_BAD_RECORDS = 5
 
@@ -60,37 +68,22 @@ MAX_REPORTED_BAD_RECORDS = 5
 
 def _iter_raw(source: DataSource) -> Iterator[tuple[str, Any]]:
     """`(location, record)` of every record of `source`, in order; `location` is `path:line` for JSONL, else
-    `path, record i` / `path, row i`. A line that is not valid JSON comes as a `BadRecord`."""
+    `path, record i` / `path, row i`. A line that is not valid JSON comes as a `BadRecord`; a file that is not
+    readable as its type raises `DataFormatError` (the readers of `data.py`)."""
     if source.kind == "jsonl":
         yield from _iter_jsonl(source.path)
     elif source.kind == "json":
-        with open(source.path, encoding="utf-8") as handle:
-            text = handle.read()
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as error:
-            if text.lstrip().startswith("{") and error.msg == "Extra data":  # JSON Lines in a `.json` file
-                yield from _iter_jsonl(source.path)
-                return
-            raise DataFormatError(
-                f"{source.path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}). A `.json` file "
-                "must hold a list of records or one record per line."
-            ) from error
-        records = document if isinstance(document, list) else [document]
-        for index, record in enumerate(records):
-            yield f"{source.path}, record {index}", record
+        for where, record in _iter_json(source.path):
+            # `line n` when the `.json` file holds one record per line, `record i` for a list.
+            line = where.removeprefix("line ")
+            yield (f"{source.path}:{line}" if line != where else f"{source.path}, {where}"), record
     elif source.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        row = 0
-        for batch in pq.ParquetFile(source.path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            for record in batch.to_pylist():
-                yield f"{source.path}, row {row}", record
-                row += 1
+        for where, record in _iter_parquet(source.path, known_fields_only=False):  # any column may be the prompt
+            yield f"{source.path}, {where}", record
     else:
         import datasets
 
-        loaded = datasets.load_from_disk(source.path)
+        loaded = _load_from_disk(source.path)
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded and len(loaded) != 1:
                 raise DataFormatError(
