@@ -16,7 +16,7 @@ from tiny_training import DATA_FILE
 import glide_hf.trainer as trainer_module
 from glide_hf import CheckpointFormatError
 from glide_hf.cli import main
-from glide_hf.trainer import parse_train_args, resolve_checkpoint, train_glide
+from glide_hf.trainer import build_glide_trainer, parse_train_args, resolve_checkpoint, train_glide
 
 MAX_LENGTH = 48
 SAVE_STEPS = 2
@@ -150,3 +150,11 @@ def test_without_the_check_trainer_fails_deep_inside_torch(run_copy, target_dir,
     monkeypatch.setattr(trainer_module, "_check_checkpoint_files", lambda checkpoint: None)
     with pytest.raises(RuntimeError, match="PytorchStreamReader"):
         train(target_dir, run_copy, "--max-steps", str(MAX_STEPS + 2), "--resume")
+
+
+def test_trainer_train_called_directly_checks_the_checkpoint_files_too(run_copy, target_dir):
+    damage(run_copy / DAMAGED, "optimizer.pt", "truncated")
+    glide_args, training_args, _ = parse_train_args(cli_flags(target_dir, run_copy, "--max-steps", str(MAX_STEPS + 2)))
+    trainer = build_glide_trainer(glide_args, training_args)
+    with pytest.raises(CheckpointFormatError, match="optimizer.pt"):
+        trainer.train(resume_from_checkpoint=str(run_copy / DAMAGED))

@@ -631,6 +631,8 @@ class GlideTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # `train_glide` checked already; this covers `trainer.train(resume_from_checkpoint=...)` called directly.
+        _check_checkpoint_files(resume_from_checkpoint)
         if self._sharded_draft_only and self.is_fsdp_enabled:
             load_draft_weights_into_fsdp(model if model is not None else self.model_wrapped, resume_from_checkpoint)
         else:
