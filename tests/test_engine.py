@@ -1,6 +1,8 @@
 """The GLIDE engine, `draft.generate()`: exact greedy output for batches, chains, trees and CAPE; the target's
 distribution when sampling; constant draft memory; clear errors."""
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -895,7 +897,7 @@ def test_calls_that_reuse_the_kept_buffers_equal_the_target(monkeypatch):
     from glide_hf import engine
 
     kept = engine._KeptRound(("shared",))
-    monkeypatch.setattr(engine, "_kept_round", lambda draft, signature: kept)
+    monkeypatch.setattr(engine, "_kept_round", lambda draft, signature: contextlib.nullcontext(kept))
     target = build_target()
     draft = build_draft(target, sliding_window=4)
     draft.set_draft_vocabulary(range(VOCAB // 2, VOCAB))
@@ -913,6 +915,26 @@ def test_calls_that_reuse_the_kept_buffers_equal_the_target(monkeypatch):
         assert buffers is None or current == buffers  # the same storage every call
         buffers = current
     assert {"lengths", "output", "seen", "draft_head_weight", "rotary_cos"} <= set(buffers)
+
+
+def test_a_call_that_finds_the_kept_round_in_use_gets_buffers_of_its_own():
+    """Two calls at once on one draft (threads, or a streamer that generates) must not share buffers: the second
+    gets its own, kept by no one; another signature replaces the kept round."""
+    from glide_hf.engine import _kept_round, engine_state
+
+    draft = build_draft(build_target())
+    with _kept_round(draft, ("a",)) as first:
+        assert engine_state(draft).kept_round is first and first.lock.locked()
+        with _kept_round(draft, ("a",)) as nested:
+            assert nested is not first and nested.signature is None
+        assert engine_state(draft).kept_round is first
+    with _kept_round(draft, ("a",)) as again:
+        assert again is first
+    with _kept_round(draft, ("b",)) as other:
+        assert other is not first and engine_state(draft).kept_round is other
+    with _kept_round(draft, None) as eager:
+        assert eager.signature is None and engine_state(draft).kept_round is other
+    assert not other.lock.locked()
 
 
 def test_a_kept_buffer_of_another_shape_is_refused():

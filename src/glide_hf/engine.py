@@ -22,6 +22,8 @@ inside `fused_for_inference()` and the target inside `triton_rms_norms`: fewer, 
 
 import contextlib
 import numbers
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -170,6 +172,7 @@ class _KeptRound:
         self.target_cache: SlotCache | None = None
         self.draft_cache: DraftRingCache | None = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, _RoundResult]] = {}  # tree size -> graph, its result
+        self.lock = threading.Lock()  # held by the call using the buffers
 
     def take(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """`value` in the kept buffer `name`: copied into it, or kept itself the first time."""
@@ -212,16 +215,27 @@ def release_cuda_graphs(draft) -> None:
     engine_state(draft).kept_round = None
 
 
-def _kept_round(draft, signature: tuple | None) -> _KeptRound:
-    """The kept round for `signature` (None: a call without CUDA graphs, which keeps nothing). Another signature's
-    round is dropped first, so that its buffers are free before this call allocates its own."""
-    if signature is None:
-        return _KeptRound(None)
+@contextlib.contextmanager
+def _kept_round(draft, signature: tuple | None) -> Iterator[_KeptRound]:
+    """The kept round for `signature`, held for the block (None: a call without CUDA graphs, which keeps nothing).
+    Another signature's round is dropped first, so that its buffers are free before this call allocates its own. A
+    call that finds the round in use (another thread, or a streamer or stopping criterion generating with the same
+    draft) gets buffers of its own, kept by no one."""
     state = engine_state(draft)
-    if state.kept_round is None or state.kept_round.signature != signature:
+    kept = state.kept_round
+    if signature is None or (kept is not None and kept.lock.locked()):
+        yield _KeptRound(None)
+        return
+    if kept is None or kept.signature != signature:
         state.kept_round = None
-        state.kept_round = _KeptRound(signature)
-    return state.kept_round
+        kept = state.kept_round = _KeptRound(signature)
+    if not kept.lock.acquire(blocking=False):  # taken since the check above
+        yield _KeptRound(None)
+        return
+    try:
+        yield kept
+    finally:
+        kept.lock.release()
 
 
 def _graph_signature(draft, input_ids: torch.Tensor, settings: tuple) -> tuple:
@@ -365,13 +379,23 @@ def glide_generate(
             None if draft.draft_vocab_ids is None else draft.draft_vocab_ids.numel(),
             target.config._attn_implementation,
             draft.config._attn_implementation,
+            # Config values a round reads (the weights fix the others).
+            draft.config.sliding_window,
+            draft.config.target_kv_layer_index,
+            getattr(target.config, "sliding_window", None),
+            tuple(getattr(target.config, "layer_types", None) or ()),
         )
         signature = _graph_signature(draft, input_ids, settings)
-    kept = _kept_round(draft, signature)
 
     # The inputs' GPU is the current device for the call: CUDA graphs capture, and Triton launches, on the current one.
     on_device = torch.cuda.device(input_ids.device) if input_ids.is_cuda else contextlib.nullcontext()
-    with on_device, torch.no_grad(), draft.fused_for_inference(kept.fused_weights), triton_rms_norms(target):
+    with (
+        on_device,
+        torch.no_grad(),
+        _kept_round(draft, signature) as kept,
+        draft.fused_for_inference(kept.fused_weights),
+        triton_rms_norms(target),
+    ):
         history_processors = None
         if per_node_histories:
             target._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)
@@ -442,6 +466,7 @@ def glide_generate(
                 call.policy = policy if next_depth == policy.depth else chain(next_depth)
             if _drop(call, rows, finished, any_finished):
                 runner.invalidate()
+        output = output.clone()  # the kept buffer is the next call's once this block ends
     if streamer is not None:
         streamer.end()
 
