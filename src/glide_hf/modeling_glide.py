@@ -54,7 +54,7 @@ from .errors import (
     UnsupportedGenerationError,
     UnsupportedTargetError,
 )
-from .loss import causal_lm_loss, resolve_loss_implementation
+from .loss import causal_lm_loss, head_logits, resolve_loss_implementation
 from .model_card import write_model_card
 from .norm_kernel import rms_norm_kernel_serves, triton_rms_norm
 from .rotary_kernel import rotary_kernel_serves, triton_rotary
@@ -1238,7 +1238,7 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
                 kept = hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states
             else:
                 kept = hidden_states[:, logits_to_keep, :]
-            logits = lm_head(kept.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)).float()
+            logits = head_logits(kept, lm_head).float()
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
     def generate(
