@@ -111,3 +111,20 @@ def test_a_draft_on_a_quantized_target_trains(quantized_pair):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
     assert all(not p.requires_grad for p in target.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("draft_vocabulary", [False, True])
+def test_the_engine_replays_rounds_through_a_quantized_head_on_cuda(quantized_pair, draft_vocabulary):
+    """The head, called as a module, inside CUDA graphs (kept between calls): the output stays the target's."""
+    target, draft = quantized_pair
+    target.cuda()
+    draft.cuda()
+    if draft_vocabulary:
+        draft.set_draft_vocabulary(range(VOCAB // 2))
+    settings = dict(max_new_tokens=24, do_sample=False, eos_token_id=None)
+    for seed in range(2):  # the second call replays the kept round
+        prompt = random_ids(2, 11, seed=seed).cuda()
+        expected = target.generate(prompt, **settings)
+        assert torch.equal(draft.generate(prompt, use_cuda_graphs=True, draft_strategy="tree", **settings), expected)
