@@ -445,12 +445,16 @@ def test_from_pretrained_raises_target_not_found_for_missing_target(draft_naming
 
 @pytest.mark.parametrize(
     ("field", "other_value"),
-    [("num_key_value_heads", 4), ("hidden_size", 128), ("vocab_size", 600)],
+    # A draft reads one layer by index: models of one width that differ in depth only are other targets.
+    [("num_key_value_heads", 4), ("hidden_size", 128), ("vocab_size", 600), ("num_hidden_layers", 5)],
 )
 def test_from_pretrained_rejects_target_with_other_shape(llama_saved_draft, make_target, field, other_value):
     other_target = make_target("llama", **{field: other_value})
-    expected = getattr(llama_saved_draft.draft.config, field)
-    message = re.escape(f"`{field}` is {other_value} but the GLIDE draft was built for `{field}={expected}`")
+    config = llama_saved_draft.draft.config
+    expected = getattr(config.target_config if field == "num_hidden_layers" else config, field)
+    message = re.escape(
+        f"`{field}` is {other_value} but the GLIDE draft was built for a target with `{field}={expected}`"
+    )
     with pytest.raises(TargetMismatchError, match=message):
         GlideForCausalLM.from_pretrained(llama_saved_draft.path, target_model=other_target)
 

@@ -438,3 +438,28 @@ def test_fused_projections_are_refreshed_into_kept_storage():
         assert refreshed.data_ptr() == weight.data_ptr()
         assert torch.equal(refreshed[:rows], attention.q_proj.weight)
     assert attention.fused_qkv is None and len(kept) == 2  # the attention's and the MLP's
+
+
+def test_a_target_cache_without_the_layer_the_draft_reads_is_refused():
+    """A cache from another model (fewer layers than the layer the draft reads) would leave the draft without any
+    target context: an error, not a silent draft from nothing. A new, empty cache reads as no context."""
+    from transformers import DynamicCache
+
+    from glide_hf import CacheStateError
+    from glide_hf.modeling_glide import read_target_kv
+
+    target = build_target(num_hidden_layers=2)
+    with torch.no_grad():
+        cache = target(random_ids(1, 5), use_cache=True).cache
+    assert read_target_kv(cache, 1)[0].shape[-2] == 5
+    assert read_target_kv(DynamicCache(), 3) is None
+    with pytest.raises(CacheStateError, match="has 2 layers, but the draft reads layer 3"):
+        read_target_kv(cache, 3)
+
+
+def test_attaching_a_target_of_another_depth_is_refused():
+    from glide_hf import TargetMismatchError
+
+    draft = build_draft(build_target(num_hidden_layers=4))
+    with pytest.raises(TargetMismatchError, match="`num_hidden_layers` is 2 but the GLIDE draft was built for"):
+        draft.attach_target(build_target(num_hidden_layers=2))

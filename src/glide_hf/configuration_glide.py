@@ -262,12 +262,18 @@ def check_target_compatibility(config: GlideConfig, target_config: PreTrainedCon
     Used when a config is created, when a draft is loaded and when a target is attached.
     """
     actual = target_shape(target_config)
-    for name in TARGET_SHAPE_FIELDS:
-        expected = getattr(config, name)
+    expected_shape = {name: getattr(config, name) for name in TARGET_SHAPE_FIELDS}
+    # The layer count too: a draft reads one layer by index, and models of one width often differ in depth only
+    # (Qwen2.5-14B and -32B: 48 and 64 layers of the same shape).
+    built_for = getattr(config, "target_config", None)
+    if built_for is not None and hasattr(target_config, "num_hidden_layers"):
+        expected_shape["num_hidden_layers"] = built_for.num_hidden_layers
+        actual["num_hidden_layers"] = target_config.num_hidden_layers
+    for name, expected in expected_shape.items():
         if expected != actual[name]:
             raise TargetMismatchError(
-                f"The target's `{name}` is {actual[name]} but the GLIDE draft was built for `{name}={expected}`. "
-                "Attach the target the draft was trained for, or build a new draft with "
+                f"The target's `{name}` is {actual[name]} but the GLIDE draft was built for a target with "
+                f"`{name}={expected}`. Attach the target the draft was trained for, or build a new draft with "
                 "`GlideForCausalLM.from_target(target)`."
             )
 

@@ -561,13 +561,19 @@ def check_target_model(target: nn.Module) -> None:
 
 
 def read_target_kv(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The valid keys/values `[B, H_kv, S, D]` of one layer of a live target cache, or None if it is empty.
+    """The valid keys/values `[B, H_kv, S, D]` of one layer of a live target cache, or None if it is empty
+    (`CacheStateError` if the cache has no such layer).
 
     Dynamic layers hold exactly the cached positions, static layers are preallocated (sliced here), and
     sliding-window layers hold the most recent positions only.
     """
-    if layer_idx >= len(cache.layers):
+    if not cache.layers:  # a new cache, layers made as the target runs
         return None
+    if layer_idx >= len(cache.layers):
+        raise CacheStateError(
+            f"The target cache has {len(cache.layers)} layers, but the draft reads layer {layer_idx}: it is not the "
+            "cache of the target this draft was built for."
+        )
     layer = cache.layers[layer_idx]
     num_cached = cache.get_seq_length(layer_idx)
     if num_cached == 0 or getattr(layer, "keys", None) is None:
