@@ -964,3 +964,18 @@ def test_copies_of_a_draft_start_without_the_engines_kept_state():
     assert engine_state(draft).kept_round is state.kept_round
     draft.release_cuda_graphs()
     assert engine_state(draft).kept_round is None
+
+
+@pytest.mark.parametrize("pad_token_id", [0, None])
+def test_left_padded_prompts_without_a_mask_are_read_as_target_generate_reads_them(pad_token_id):
+    """Without `attention_mask`, padding is told from `pad_token_id` as `target.generate` tells it (and not at all
+    without one): the output is the target's either way."""
+    target = build_target()
+    draft = build_draft(target)
+    ids, _ = left_pad([random_ids(1, length, seed=length)[0].clamp(min=1) for length in (4, 11)], pad=0)
+    settings = dict(max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=pad_token_id)
+    expected = target.generate(ids, **settings)
+    assert torch.equal(draft.generate(ids, **settings), expected)
+    if pad_token_id is not None:  # padding was read as padding: the short row equals its own generation
+        short = ids[:1, ids.shape[1] - 4 :]
+        assert torch.equal(expected[0, ids.shape[1] :], target.generate(short, **settings)[0, 4:])

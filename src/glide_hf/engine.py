@@ -343,7 +343,10 @@ def glide_generate(
             f"levels exceeds the target's `max_position_embeddings={max_positions}`."
         )
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        # As `target.generate`: padding is told by `pad_token_id` where the inputs hold it and it is no end-of-sequence
+        # id (otherwise every token counts, with Transformers' warning).
+        target._prepare_special_tokens(config, kwargs_has_attention_mask=False, device=input_ids.device)
+        attention_mask = target._prepare_attention_mask_for_generation(input_ids, config, {})
     num_samples = config.num_return_sequences or 1
     if num_samples > 1:  # as `target.generate`: each prompt's samples are consecutive rows of one batch
         input_ids = input_ids.repeat_interleave(num_samples, dim=0)

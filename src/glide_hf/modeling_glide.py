@@ -1266,7 +1266,8 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
 
         Args:
             input_ids (`torch.LongTensor` of shape `[batch, length]`): prompts, left-padded.
-            attention_mask (`torch.Tensor` of shape `[batch, length]`, *optional*): 0 on padding.
+            attention_mask (`torch.Tensor` of shape `[batch, length]`, *optional*): 0 on padding; without it,
+                padding is told from `pad_token_id` as `target.generate` tells it.
             generation_config (`GenerationConfig`, *optional*): as for `target.generate`; defaults to the target's.
                 Supported: greedy and sampling (`temperature`, `top_k`, `top_p`, `min_p`; sampled chains use
                 speculative sampling with residual resampling), `max_new_tokens`, `max_length`, `min_new_tokens`,
