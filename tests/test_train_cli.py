@@ -162,6 +162,48 @@ def test_cli_reports_bad_data_in_one_line_and_exits_1(target_dir, tmp_path, caps
     assert f"glide-hf train: error: {data}:2: not valid JSON" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_bf16_here(monkeypatch):
+    """This machine as one without a bf16 GPU or TPU, for TrainingArguments' check and glide_hf's."""
+    import transformers.training_args
+
+    import glide_hf.trainer
+
+    for module in (transformers.training_args, glide_hf.trainer):
+        monkeypatch.setattr(module, "is_torch_bf16_gpu_available", lambda: False)
+        monkeypatch.setattr(module, "is_torch_xla_available", lambda *args, **kwargs: False)
+
+
+def test_dry_run_prints_a_bf16_config_on_a_machine_without_a_gpu(no_bf16_here, tmp_path, capsys):
+    """New-user audit: `--dry-run` of a bf16 stage config on a machine without a GPU exited 2 with TrainingArguments'
+    "Your setup doesn't support bf16/gpu"; it checks the config before GPU time is spent, so it prints it, bf16 on."""
+    config_file = EXAMPLE_CONFIGS[0]
+    status = main(["train", str(config_file), "--output-dir", str(tmp_path / "out"), "--dry-run"])
+    config = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert config["training"]["bf16"] is True and config["training"]["use_cpu"] is False  # what the run will use
+    assert config["resolved"]["target_dtype"] == "bfloat16"  # as on the GPU it needs
+    assert config["resolved"]["hardware_note"].startswith("The run needs hardware this machine lacks: `bf16` needs")
+
+
+def test_dry_run_without_a_gpu_still_reports_other_training_argument_errors(no_bf16_here, tmp_path, capsys):
+    config_file = EXAMPLE_CONFIGS[0]
+    flags = ["--output-dir", str(tmp_path / "out"), "--warmup-steps", "-1", "--dry-run"]
+    with pytest.raises(SystemExit) as raised:
+        main(["train", str(config_file), *flags])
+    assert raised.value.code == 2 and "warmup_steps >= 0" in capsys.readouterr().err
+    # fp16 with bf16 is refused by TrainingArguments only after the hardware check: not hidden by turning bf16 off.
+    with pytest.raises(SystemExit) as raised:
+        main(["train", str(config_file), "--output-dir", str(tmp_path / "out"), "--fp16", "--dry-run"])
+    assert raised.value.code == 2
+
+
+def test_a_real_run_of_a_bf16_config_without_a_gpu_is_still_refused(no_bf16_here, tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["train", str(EXAMPLE_CONFIGS[0]), "--output-dir", str(tmp_path / "out")])
+    assert raised.value.code == 2 and "bf16" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("config_file", EXAMPLE_CONFIGS, ids=lambda path: path.stem)
 def test_example_stage_configs_parse(config_file, capsys):
     # `--use-cpu`: the configs ask for bf16, which TrainingArguments refuses on a machine without a GPU.

@@ -43,7 +43,13 @@ from transformers import (
 from transformers.trainer import CONFIG_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
-from transformers.utils import SAFE_WEIGHTS_NAME, logging
+from transformers.utils import (
+    SAFE_WEIGHTS_NAME,
+    is_torch_bf16_gpu_available,
+    is_torch_tf32_available,
+    is_torch_xla_available,
+    logging,
+)
 
 from .bench import count_forward_calls
 from .cli import cli_logging
@@ -222,16 +228,22 @@ class GlideCliArguments:
     output_json: str | None = field(
         default=None, metadata={"help": "Write the final metrics (train and eval) to this JSON file."}
     )
+    # Set by `parse_train_args`, not a flag: with `dry_run`, the precision flags this machine cannot run, each with
+    # the hardware it needs (checked with them off; see `_dry_run_training_arguments`).
+    unsupported_here: dict[str, str] = field(default_factory=dict, init=False)
 
 
 # --- building the pieces ---------------------------------------------------------------------------------------------
 
 
-def resolve_target_dtype(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> torch.dtype:
-    """`target_dtype`, with `auto` resolved: bfloat16 on CUDA (float16 when training with `fp16`), else float32."""
+def resolve_target_dtype(
+    glide_args: GlideTrainingArguments, training_args: TrainingArguments, device_type: str | None = None
+) -> torch.dtype:
+    """`target_dtype`, with `auto` resolved: bfloat16 on CUDA (float16 when training with `fp16`), else float32.
+    `device_type` is the device to resolve it for (default: `training_args.device`'s)."""
     if glide_args.target_dtype != "auto":
         return TARGET_DTYPES[glide_args.target_dtype]
-    if training_args.device.type == "cuda":
+    if (device_type or training_args.device.type) == "cuda":
         return torch.float16 if training_args.fp16 else torch.bfloat16
     return torch.float32
 
@@ -987,11 +999,51 @@ def _apply_config_file(parser: HfArgumentParser, argv: list[str]) -> list[str]:
     return argv[1:]
 
 
+# `TrainingArguments` flags that it refuses on a machine without the hardware for them.
+BF16_FLAGS = ("bf16", "bf16_full_eval")
+BF16_HARDWARE = "a GPU with bf16 (NVIDIA Ampere or newer) or a TPU"
+TF32_HARDWARE = "an NVIDIA Ampere or newer GPU"
+
+
+def _precision_flags_unsupported_here(values: dict) -> dict[str, str]:
+    """The precision flags set in `values` (`TrainingArguments` fields) that `TrainingArguments` refuses on this
+    machine, each with the hardware it needs (its own checks: bf16 without `use_cpu`, tf32)."""
+    unsupported = {}
+    if not values.get("use_cpu") and not is_torch_bf16_gpu_available() and not is_torch_xla_available():
+        unsupported.update({name: BF16_HARDWARE for name in BF16_FLAGS if values.get(name)})
+    if values.get("tf32") and not is_torch_tf32_available():
+        unsupported["tf32"] = TF32_HARDWARE
+    return unsupported
+
+
+def _dry_run_training_arguments(values: dict) -> tuple[TrainingArguments, dict[str, str]]:
+    """`TrainingArguments(**values)` for `--dry-run`, which checks a config before it gets GPU time, so possibly on
+    a machine without a GPU: when `TrainingArguments` refuses only because this machine lacks the hardware for
+    `bf16` (or `bf16_full_eval`, `tf32`), they are turned off and the arguments built again, so that every other
+    check still runs. Returns the arguments and the flags turned off, each with the hardware it needs;
+    `resolved_config` prints them back as asked and says so.
+
+    Not when `fp16` is also set with bf16: the retry would hide the conflict, which `TrainingArguments` reports
+    after the hardware check."""
+    try:
+        return TrainingArguments(**values), {}
+    except ValueError:
+        unsupported = _precision_flags_unsupported_here(values)
+        conflict = (values.get("fp16") and values.get("bf16")) or (
+            values.get("fp16_full_eval") and values.get("bf16_full_eval")
+        )
+        if not unsupported or conflict:
+            raise
+    # Any error now is not about this machine's hardware: the run would meet it too.
+    return TrainingArguments(**{**values, **dict.fromkeys(unsupported, False)}), unsupported
+
+
 def parse_train_args(
     argv: list[str], prog: str = "glide-hf train"
 ) -> tuple[GlideTrainingArguments, TrainingArguments, GlideCliArguments]:
     """Parse `glide-hf train` flags (optionally after a YAML/JSON config file); invalid values exit through
-    `parser.error` (status 2)."""
+    `parser.error` (status 2). With `--dry-run`, precision flags that this machine cannot run (bf16 without a GPU)
+    are checked with them off and listed in `cli_args.unsupported_here` (`_dry_run_training_arguments`)."""
     parser = HfArgumentParser(
         (GlideTrainingArguments, TrainingArguments, GlideCliArguments),
         prog=prog,
@@ -999,10 +1051,20 @@ def parse_train_args(
         "same fields may come first; later flags override it.",
     )
     argv = _apply_config_file(parser, list(argv))
+    # As `parser.parse_args_into_dataclasses`, with `TrainingArguments` built last (it needs `dry_run`).
+    namespace, remaining = parser.parse_known_args(args=argv)
+    values = vars(namespace)
+
+    def fields_of(dataclass_type) -> dict:
+        return {item.name: values[item.name] for item in dataclasses.fields(dataclass_type) if item.init}
+
     try:
-        glide_args, training_args, cli_args, remaining = parser.parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True, look_for_args_file=False
-        )
+        glide_args = GlideTrainingArguments(**fields_of(GlideTrainingArguments))
+        cli_args = GlideCliArguments(**fields_of(GlideCliArguments))
+        if cli_args.dry_run:
+            training_args, cli_args.unsupported_here = _dry_run_training_arguments(fields_of(TrainingArguments))
+        else:
+            training_args = TrainingArguments(**fields_of(TrainingArguments))
     except ValueError as error:  # dataclass checks: `GlideConfigError` and TrainingArguments' own
         parser.error(str(error))
     if remaining:
@@ -1018,16 +1080,33 @@ def parse_train_args(
     return glide_args, training_args, cli_args
 
 
-def resolved_config(glide_args: GlideTrainingArguments, training_args: TrainingArguments) -> dict:
-    """The configuration a run would use, as JSON-ready data (what `--dry-run` prints)."""
-    return {
-        "glide": dataclasses.asdict(glide_args),
-        "training": json.loads(training_args.to_json_string()),
-        "resolved": {
-            "target_dtype": str(resolve_target_dtype(glide_args, training_args)).removeprefix("torch."),
-            "resume_from_checkpoint": resolve_checkpoint(glide_args, training_args),
-        },
+def resolved_config(
+    glide_args: GlideTrainingArguments,
+    training_args: TrainingArguments,
+    unsupported_here: dict[str, str] | None = None,
+) -> dict:
+    """The configuration a run would use, as JSON-ready data (what `--dry-run` prints).
+
+    `unsupported_here` (`cli_args.unsupported_here`): precision flags that were turned off to build
+    `training_args` on this machine. The `training` section shows them as the run asked (on), `resolved.target_dtype`
+    is resolved as on a CUDA GPU, and `resolved.hardware_note` says what the run needs.
+    """
+    training = json.loads(training_args.to_json_string())
+    resolved = {
+        "target_dtype": str(resolve_target_dtype(glide_args, training_args)).removeprefix("torch."),
+        "resume_from_checkpoint": resolve_checkpoint(glide_args, training_args),
     }
+    if unsupported_here:
+        training.update(dict.fromkeys(unsupported_here, True))
+        resolved["target_dtype"] = str(resolve_target_dtype(glide_args, training_args, "cuda")).removeprefix("torch.")
+        needs = "; ".join(f"`{name}` needs {hardware}" for name, hardware in unsupported_here.items())
+        flags = ", ".join(f"`{name}`" for name in unsupported_here)
+        resolved["hardware_note"] = (
+            f"The run needs hardware this machine lacks: {needs}. The dry run checked the rest of the configuration "
+            f"with {flags} off; the `training` section shows the values the run will use, and `target_dtype` is "
+            "resolved as on a CUDA GPU."
+        )
+    return {"glide": dataclasses.asdict(glide_args), "training": training, "resolved": resolved}
 
 
 def _process_log_level(training_args: TrainingArguments) -> int:
@@ -1043,7 +1122,7 @@ def run_cli(argv: list[str], prog: str) -> int:
     """`glide-hf train`: parse the flags, then `train_glide` (or print the configuration with `--dry-run`)."""
     glide_args, training_args, cli_args = parse_train_args(argv, prog)
     if cli_args.dry_run:
-        print(json.dumps(resolved_config(glide_args, training_args), indent=2))
+        print(json.dumps(resolved_config(glide_args, training_args, cli_args.unsupported_here), indent=2))
         return 0
     try:
         with cli_logging(_process_log_level(training_args)):
