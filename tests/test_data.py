@@ -318,6 +318,16 @@ def test_missing_file_and_unsupported_type_are_errors(tmp_path, load):
         load(str(tmp_path / "data.csv"))
 
 
+def test_plain_folder_error_names_a_glob_of_its_files(tmp_path, load):
+    # New-user audit: the suggested pattern printed a literal `{path}/*.jsonl`.
+    folder = tmp_path / "jsonl_files"
+    folder.mkdir()
+    (folder / "part-0.jsonl").write_text('{"text": "abc"}\n')
+    with pytest.raises(DataNotFoundError, match="is a folder but not a dataset") as raised:
+        load(str(folder))
+    assert f"e.g. `{folder}/*.jsonl`" in str(raised.value)
+
+
 def test_every_sample_dropped_is_an_error(tokenizer, write_jsonl, load):
     with pytest.raises(EmptyDatasetError, match="No sample is left"):
         encode(tokenizer, load, write_jsonl([{"text": "longer than four"}]), max_length=4, overflow="drop")

@@ -117,7 +117,7 @@ def _classify(path: str) -> DataSource:
         if not any(os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "dataset_dict.json")):
             raise DataNotFoundError(
                 f"`{path}` is a folder but not a dataset written by `datasets`' `save_to_disk` (no "
-                "dataset_info.json or dataset_dict.json): pass the data files themselves, e.g. `{path}/*.jsonl`."
+                f"dataset_info.json or dataset_dict.json): pass the data files themselves, e.g. `{path}/*.jsonl`."
             )
         loaded = _load_from_disk(path)
         fingerprints = (
