@@ -22,9 +22,8 @@ from contextlib import contextmanager
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from glide_hf import GlideForCausalLM
+from glide_hf import GlideConfig, GlideForCausalLM
 
-DEFAULT_TARGET = "Qwen/Qwen2.5-7B-Instruct"
 # Where `examples/train_glide.py` and the stage configs in examples/configs/ leave the trained draft.
 DEFAULT_DRAFT = "runs/glide-qwen2.5-7b-instruct/stage3"
 DEFAULT_PROMPT = "Write a Python function that checks whether a string is a palindrome."
@@ -32,7 +31,9 @@ DEFAULT_PROMPT = "Write a Python function that checks whether a string is a pali
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=DEFAULT_TARGET, help="Hub id or folder of the target model.")
+    parser.add_argument(
+        "--target", help="Hub id or folder of the target model (default: the one the draft's config.json names)."
+    )
     parser.add_argument("--draft", default=DEFAULT_DRAFT, help="Hub id or folder of a GLIDE draft for the target.")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="The user message.")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -52,6 +53,10 @@ def load(args: argparse.Namespace):
         return target, draft.eval(), build_byte_tokenizer()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.target is None:  # the target the draft was trained for, as its config.json names it
+        args.target = GlideConfig.from_pretrained(args.draft).target_name_or_path
+        if not args.target:
+            raise SystemExit(f"{args.draft}'s config.json names no target (`target_name_or_path`): pass --target.")
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype, device_map=device)
     # `target_model=` shares the loaded target instead of loading the one named in the draft's config again.
     # `.to(device)` moves the draft's own layer (the target is already there).

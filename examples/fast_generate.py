@@ -25,9 +25,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from glide_hf import GlideForCausalLM
+from glide_hf import GlideConfig, GlideForCausalLM
 
-DEFAULT_TARGET = "Qwen/Qwen2.5-7B-Instruct"
 DEFAULT_DRAFT = "runs/glide-qwen2.5-7b-instruct/stage3"
 DEFAULT_PROMPTS = [
     "Write a Python function that merges two sorted lists.",
@@ -39,7 +38,9 @@ DEFAULT_PROMPTS = [
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=DEFAULT_TARGET, help="Hub id or folder of the target model.")
+    parser.add_argument(
+        "--target", help="Hub id or folder of the target model (default: the one the draft's config.json names)."
+    )
     parser.add_argument("--draft", default=DEFAULT_DRAFT, help="Hub id or folder of a GLIDE draft for the target.")
     parser.add_argument("--prompts", help="A text file with one prompt per line (default: four built-in prompts).")
     parser.add_argument("--strategy", choices=("chain", "tree", "cape"), default="chain", help="`draft_strategy`.")
@@ -75,6 +76,10 @@ def load(args: argparse.Namespace):
         return target, draft.eval(), build_byte_tokenizer(), TINY_PROMPTS
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.target is None:  # the target the draft was trained for, as its config.json names it
+        args.target = GlideConfig.from_pretrained(args.draft).target_name_or_path
+        if not args.target:
+            raise SystemExit(f"{args.draft}'s config.json names no target (`target_name_or_path`): pass --target.")
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype, device_map=device)
     draft = GlideForCausalLM.from_pretrained(args.draft, target_model=target).to(device)
     prompts = DEFAULT_PROMPTS

@@ -49,3 +49,28 @@ def test_example_runs_with_tiny(name, tmp_path):
 def test_every_example_script_is_tested():
     scripts = {path.name for path in (REPO_ROOT / "examples").glob("*.py") if not path.name.startswith("_")}
     assert scripts == set(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", ["assisted_generation", "fast_generate"])
+def test_without_target_the_examples_load_the_target_the_draft_names(name, tiny_llama_path, tmp_path, monkeypatch):
+    """`--target` left out: the target the draft's config.json names (not a default model of another family)."""
+    import importlib
+
+    from transformers import AutoModelForCausalLM
+
+    from glide_hf import GlideForCausalLM
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "examples"))
+    module = importlib.import_module(name)
+    target = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    GlideForCausalLM.from_target(target, sliding_window=8).save_pretrained(tmp_path / "draft")
+    loaded = []
+    real_load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        module.AutoModelForCausalLM, "from_pretrained", lambda path, **kw: loaded.append(path) or real_load(path, **kw)
+    )
+    monkeypatch.setattr(module.AutoTokenizer, "from_pretrained", lambda path, **kw: None)
+    args = module.parse_args(["--draft", str(tmp_path / "draft")])
+    _, draft, *_ = module.load(args)
+    assert loaded == [tiny_llama_path] and args.target == tiny_llama_path
+    assert draft.target is not None
