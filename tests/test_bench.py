@@ -252,3 +252,19 @@ def test_is_looping_rejects_varied_and_short_continuations():
     assert not is_looping(list(range(40)))
     assert not is_looping([1, 2, 3, 4, 5, 6, 7, 8] + [7, 8, 7, 8, 7, 9], min_tokens=8)  # the last block differs
     assert not is_looping([5] * 10)  # shorter than the default 16 tokens
+
+
+def test_bench_names_the_target_a_draft_names_when_it_is_missing(bench_paths, tmp_path, capsys):
+    """A draft whose config names a target folder that is not there (moved, or a relative path from elsewhere):
+    a parser error that names that target, before any model loads."""
+    from glide_hf import GlideConfig
+
+    config = GlideConfig.from_pretrained(bench_paths["draft"])
+    config.target_name_or_path = str(tmp_path / "moved-target")
+    moved = tmp_path / "draft"
+    moved.mkdir()
+    config.save_pretrained(moved)
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", "--prompts", bench_paths["prompts"], "--draft", str(moved)])
+    assert raised.value.code == 2
+    assert f"--draft {moved} names the target {tmp_path / 'moved-target'}: no such folder" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from glide_hf import (
     UnsupportedTargetError,
 )
 from glide_hf.model_card import write_model_card
+from glide_hf.modeling_glide import _target_reference
 
 # Longer than the draft's sliding window (8), so the reload tests cover the windowed self-attention too.
 INPUT_IDS = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -476,3 +477,17 @@ def test_from_target_rejects_non_rotary_target(tiny_gpt2, make_draft):
 def test_from_pretrained_rejects_non_rotary_target_model(llama_saved_draft, tiny_gpt2):
     with pytest.raises(UnsupportedTargetError, match="rotary"):
         GlideForCausalLM.from_pretrained(llama_saved_draft.path, target_model=tiny_gpt2)
+
+
+def test_a_target_loaded_from_a_relative_folder_is_named_by_its_absolute_path(tiny_llama_path, tmp_path, monkeypatch):
+    """The saved draft loads its target from any working folder; Hub ids stay as they are."""
+    import os
+
+    monkeypatch.chdir(os.path.dirname(tiny_llama_path))
+    relative = os.path.basename(tiny_llama_path)
+    draft = GlideForCausalLM.from_target(relative, sliding_window=8)
+    assert draft.config.target_name_or_path == os.path.abspath(relative)
+    draft.save_pretrained(tmp_path / "draft")
+    monkeypatch.chdir(tmp_path)
+    assert GlideForCausalLM.from_pretrained(tmp_path / "draft").target is not None
+    assert _target_reference("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"

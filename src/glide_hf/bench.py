@@ -1193,6 +1193,7 @@ def parse_bench_args(argv: list[str], prog: str = "glide-hf bench") -> BenchArgu
         args.target = GlideConfig.from_pretrained(args.draft).target_name_or_path
         if not args.target:
             parser.error(f"the draft at {args.draft} names no target: give --target")
+        _model_type_at(args.target, f"--draft {args.draft} names the target", parser)
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         parser.error("--max-prompt-tokens must be at least 1 (leave it out to keep whole prompts)")
     try:

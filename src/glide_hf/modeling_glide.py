@@ -770,7 +770,8 @@ class GlidePreTrainedModel(PreTrainedModel):
         else:
             target, name_or_path = target_model_or_name_or_path, None
         check_target_model(target)
-        config_overrides.setdefault("target_name_or_path", name_or_path or target.config._name_or_path or None)
+        name_or_path = name_or_path or target.config._name_or_path or None
+        config_overrides.setdefault("target_name_or_path", _target_reference(name_or_path))
         config = GlideConfig(target_config=target.config, **config_overrides)
         model = cls(config)
         # The draft lives where the target's embedding does (its first input), unless the target has no weights
@@ -855,6 +856,14 @@ def _as_dtype(dtype) -> torch.dtype | None:
     if not isinstance(resolved, torch.dtype):
         raise GlideConfigError(f"`dtype` must be a `torch.dtype` or its name such as 'bfloat16', got {dtype!r}.")
     return resolved
+
+
+def _target_reference(name_or_path: str | None) -> str | None:
+    """How a draft's config names its target: a Hub id as it is, a local folder as an absolute path (a relative one
+    would only load from the folder the draft was made in)."""
+    if name_or_path and os.path.isdir(name_or_path) and not os.path.isabs(name_or_path):
+        return os.path.abspath(name_or_path)
+    return name_or_path
 
 
 def _draft_device(target: PreTrainedModel) -> torch.device | None:
