@@ -1,6 +1,7 @@
 """Training a GLIDE draft with a stock `transformers.Trainer`: the draft learns, the frozen target stays frozen,
 checkpoints hold the draft only, resuming reproduces an uninterrupted run, and activation checkpointing works. A
-tokenizer with more tokens than the target's embedding has rows is refused before training.
+tokenizer with more tokens than the target's embedding has rows is refused before training; bad data paths are
+refused before the target loads, and choices outside a `Literal` field when the arguments are built.
 """
 
 import shutil
@@ -318,3 +319,65 @@ def test_a_target_folder_whose_own_tokenizer_outgrew_its_vocabulary_is_refused(t
     tokenizer_with(TINY_LLAMA_VOCAB_SIZE + 1).save_pretrained(target)
     with pytest.raises(GlideConfigError, match=r"tokenizer of the target .* has 513 tokens .*`--tokenizer`"):
         build_with_tokenizer(str(target), None, tmp_path)
+
+
+# --- arguments and data paths, checked before the target loads ------------------------------------------------------
+
+
+def build_with_data(monkeypatch, tmp_path: Path, data: list[str], eval_data: list[str] | None = None):
+    """`build_glide_trainer` with a `load_target` that fails the test: a data error must come before it."""
+    import glide_hf.trainer
+    from glide_hf.trainer import GlideTrainingArguments, build_glide_trainer
+
+    def load_target(*args, **kwargs):
+        raise AssertionError("the target was loaded before the data paths were checked")
+
+    monkeypatch.setattr(glide_hf.trainer, "load_target", load_target)
+    glide_args = GlideTrainingArguments(target="never-loaded", data=data, eval_data=eval_data, max_length=32)
+    return build_glide_trainer(glide_args, training_arguments(tmp_path / "out", max_steps=1))
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        ("missing.jsonl", "DataNotFoundError", "does not exist"),
+        ("no_match_*.jsonl", "DataNotFoundError", "No file matches"),
+        ("notes.txt", "DataFormatError", "unsupported file type"),
+        ("plain_folder", "DataNotFoundError", "is a folder but not a dataset"),
+    ],
+)
+def test_bad_data_paths_are_reported_before_the_target_loads(monkeypatch, tmp_path, name, error, message):
+    # New-user audit: these were reported only once the target had loaded (minutes for a 7B model).
+    import glide_hf
+
+    (tmp_path / "notes.txt").write_text("some text\n")
+    (tmp_path / "plain_folder").mkdir()
+    with pytest.raises(getattr(glide_hf, error), match=message):
+        build_with_data(monkeypatch, tmp_path, [str(tmp_path / name)])
+
+
+def test_a_missing_eval_data_file_is_reported_before_the_target_loads(monkeypatch, tmp_path):
+    from tiny_training import DATA_FILE
+
+    from glide_hf import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match="eval.jsonl` does not exist"):
+        build_with_data(monkeypatch, tmp_path, [str(DATA_FILE)], eval_data=[str(tmp_path / "eval.jsonl")])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("overflow", "wrap", "`overflow` must be one of 'truncate', 'drop', got 'wrap'"),
+        ("data_format", "jsonl", "`data_format` must be one of 'auto', 'text', 'chat', 'source_target', got 'jsonl'"),
+        ("target_dtype", "bf16", "`target_dtype` must be one of 'auto', 'bfloat16', 'float16', 'float32'"),
+        ("loss_implementation", "fast", r"'plain' \(or None\), got 'fast'"),
+    ],
+)
+def test_training_arguments_refuse_a_choice_outside_their_literal(field, value, message):
+    # New-user audit: from Python (no argparse `choices`), `overflow="wrap"` failed only while tokenizing.
+    from glide_hf import GlideConfigError
+    from glide_hf.trainer import GlideTrainingArguments
+
+    with pytest.raises(GlideConfigError, match=message):
+        GlideTrainingArguments(target="t", data=["d.jsonl"], **{field: value})

@@ -23,9 +23,10 @@ import logging as pylogging
 import os
 import re
 import shutil
+import types
 import zipfile
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -53,7 +54,7 @@ from transformers.utils import (
 
 from .bench import count_forward_calls
 from .cli import cli_logging
-from .data import AnchorOffset, GlideDataCollator, PreparedData, prepare_data
+from .data import AnchorOffset, GlideDataCollator, PreparedData, prepare_data, resolve_sources
 from .errors import CheckpointFormatError, GlideConfigError, TargetMismatchError, TargetNotFoundError
 from .model_card import write_model_card
 from .modeling_glide import GlideForCausalLM
@@ -198,6 +199,16 @@ class GlideTrainingArguments:
             self.data = [self.data]
         if isinstance(self.eval_data, str):
             self.eval_data = [self.eval_data]
+        # The command line checks these choices itself; from Python, a typo would otherwise fail late (after the
+        # target loads) or deep inside the data code. The annotations, not `dataclasses.fields(...).type`, which
+        # `HfArgumentParser` rewrites in place (`X | None` becomes `X`).
+        for name, annotation in get_type_hints(type(self)).items():
+            choices = _literal_choices(annotation)
+            value = getattr(self, name)
+            if choices and value not in choices:
+                allowed = ", ".join(repr(choice) for choice in choices if choice is not None)
+                optional = " (or None)" if None in choices else ""
+                raise GlideConfigError(f"`{name}` must be one of {allowed}{optional}, got {value!r}.")
         if not self.data:
             raise GlideConfigError("`data` is empty: pass one or more data files.")
         if self.max_length < 2:
@@ -218,6 +229,20 @@ class GlideTrainingArguments:
         for name in ("acceptance_eval_prompt_length", "acceptance_eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise GlideConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+
+
+def _literal_choices(annotation) -> tuple:
+    """The values a `Literal[...]` field annotation allows (None included for `Literal[...] | None`), or `()` for
+    any other annotation."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if get_origin(annotation) in (Union, types.UnionType):
+        parts = get_args(annotation)
+        choices = tuple(choice for part in parts for choice in _literal_choices(part))
+        if choices and type(None) in parts:
+            return (*choices, None)
+        return choices
+    return ()
 
 
 @dataclass
@@ -387,6 +412,16 @@ def build_collator(
         logger.info(f"Anchor-Offset positions: {glide_args.num_anchors} anchors, offsets in [0, {max_offset}].")
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return GlideDataCollator(pad_token_id=pad_token_id, anchor_offset=anchor_offset, seed=training_args.seed)
+
+
+def check_data_paths(glide_args: GlideTrainingArguments) -> None:
+    """Raise `DataNotFoundError` or `DataFormatError` when a `data` or `eval_data` path does not exist, a glob
+    matches nothing, a file has an unsupported type or a folder is not a saved dataset. Reading the records needs
+    the tokenizer and comes after the target has loaded (minutes for a large one): these mistakes are found from the
+    paths alone, before it."""
+    resolve_sources(glide_args.data)
+    if glide_args.eval_data:
+        resolve_sources(glide_args.eval_data)
 
 
 def build_data(glide_args: GlideTrainingArguments, training_args: TrainingArguments, tokenizer) -> PreparedData:
@@ -737,8 +772,10 @@ def build_glide_trainer(glide_args: GlideTrainingArguments, training_args: Train
     """Everything `train_glide` trains with, before training: target, draft, data, collator and callbacks.
 
     Useful to inspect or customise the `Trainer` (add callbacks, swap the optimizer) before `trainer.train()`.
-    The models are built before the data is processed, so that a wrong target or `init_draft` fails fast.
+    The models are built before the data is processed, so that a wrong target or `init_draft` fails fast; the data
+    paths are checked before both (`check_data_paths`).
     """
+    check_data_paths(glide_args)
     set_seed(training_args.seed)  # the draft's initialisation; Trainer seeds again before training
     target = load_target(glide_args, training_args)
     draft = build_draft(glide_args, target)
@@ -1150,6 +1187,7 @@ __all__ = [
     "build_data",
     "build_draft",
     "build_glide_trainer",
+    "check_data_paths",
     "check_tokenizer_fits_target",
     "load_target",
     "load_tokenizer",
