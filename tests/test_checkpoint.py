@@ -491,3 +491,10 @@ def test_a_target_loaded_from_a_relative_folder_is_named_by_its_absolute_path(ti
     monkeypatch.chdir(tmp_path)
     assert GlideForCausalLM.from_pretrained(tmp_path / "draft").target is not None
     assert _target_reference("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_a_tokenizer_passed_as_target_model_is_refused(llama_saved_draft):
+    from tiny_tokenizer import build_byte_tokenizer
+
+    with pytest.raises(UnsupportedTargetError, match="must be a Transformers `PreTrainedModel`"):
+        GlideForCausalLM.from_pretrained(llama_saved_draft.path, target_model=build_byte_tokenizer())

@@ -167,3 +167,9 @@ def test_shape_keys_that_contradict_the_target_name_both_values(field, value):
 def test_default_config_without_target_builds():
     config = GlideConfig()
     assert config.target_config is None and config.model_type == "glide"
+
+
+def test_a_draft_from_a_config_without_target_config_is_refused():
+    """The config may exist without a target (Transformers builds default configs); the model cannot."""
+    with pytest.raises(GlideConfigError, match="names no target config.*from_target"):
+        GlideForCausalLM(GlideConfig())

@@ -821,6 +821,7 @@ class GlidePreTrainedModel(PreTrainedModel):
                     "its target cannot be loaded automatically: pass it as `target_model=`."
                 )
             target_model = _load_target(model.config.target_name_or_path, target_kwargs)
+        check_target_model(target_model)  # before `_draft_device` reads its embedding
         if "device_map" not in kwargs:
             model = model.to(_draft_device(target_model))
         model = model.attach_target(target_model)
@@ -920,6 +921,11 @@ class GlideModel(GlidePreTrainedModel):
     """The GLIDE draft layer on the frozen target's embedding; returns the draft's hidden states."""
 
     def __init__(self, config: GlideConfig, target_model: PreTrainedModel | None = None):
+        if getattr(config, "target_config", None) is None:
+            raise GlideConfigError(
+                "This GlideConfig names no target config, and a GLIDE draft takes its shape from its target: build "
+                "it with `GlideForCausalLM.from_target(target)`, or from `GlideConfig(target_config=target.config)`."
+            )
         super().__init__(config)
         self.layer = GlideDecoderLayer(config)
         self.norm = GlideRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.final_norm else None
