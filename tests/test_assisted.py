@@ -198,3 +198,20 @@ def test_draft_generate_as_assistant_with_a_batch_points_to_the_engine():
     config = GenerationConfig(max_new_tokens=3, is_assistant=True)
     with pytest.raises(UnsupportedGenerationError, match=r"batch size 1 only.*draft\.generate"):
         draft.generate(input_ids=random_ids(2, 4), generation_config=config)
+
+
+def test_a_second_copy_of_the_target_calling_generate_is_named_in_the_warning(caplog):
+    """The draft's own target never runs when another model (a second copy of the target) calls `generate`: outputs
+    stay that model's, and the warning says what happened and what to do."""
+    import copy
+    import logging
+
+    target = build_target()
+    draft = build_draft(target)
+    other_copy = copy.deepcopy(target)
+    prompt = random_ids(1, 10)
+    settings = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
+    with caplog.at_level(logging.WARNING, logger="glide_hf"):
+        out = other_copy.generate(prompt, assistant_model=draft, **settings)
+    assert torch.equal(out, other_copy.generate(prompt, **settings))
+    assert "attached target (`draft.target`) has not run during this `generate` call" in caplog.text

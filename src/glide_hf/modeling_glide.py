@@ -513,6 +513,7 @@ class _TargetCacheRecorder:
     def __init__(self) -> None:
         self._cache_ref: weakref.ReferenceType | None = None
         self._handle = None
+        self.num_forwards = 0  # the target's forward calls so far: whether it ran since a given moment
 
     def install(self, target: nn.Module) -> None:
         self.remove()
@@ -525,6 +526,7 @@ class _TargetCacheRecorder:
         self._cache_ref = None
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.num_forwards += 1
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self._cache_ref = weakref.ref(cache) if isinstance(cache, Cache) else None
 
@@ -953,6 +955,11 @@ class GlideModel(GlidePreTrainedModel):
         """The cache of the target's current `generate` call if it holds exactly `num_tokens` positions."""
         return self._cache_recorder.cache_covering(num_tokens)
 
+    @property
+    def num_target_forwards(self) -> int:
+        """How many forward calls the attached target has made (counted since it was attached)."""
+        return self._cache_recorder.num_forwards
+
     def _require_target(self) -> PreTrainedModel:
         if self.target is None:
             raise TargetNotAttachedError(
@@ -1348,6 +1355,7 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             # First round of a new `target.generate` call: the target has not run yet, so any recorded cache belongs
             # to an earlier call. Draft one token without target context; the next rounds read the live cache.
             target_cache = DynamicCache()
+            self._target_forwards_at_first_round = self.model.num_target_forwards
             max_new_tokens = min(1, kwargs.get("max_new_tokens", 1))
             kwargs["max_new_tokens"] = max_new_tokens
             kwargs["min_new_tokens"] = min(kwargs.get("min_new_tokens") or 0, max_new_tokens)
@@ -1355,10 +1363,18 @@ class GlideForCausalLM(GlidePreTrainedModel, GenerationMixin):
             # The target's cache holds every accepted token but the newest one (its "bonus" token).
             target_cache = self.model.recorded_target_cache(input_ids.shape[1] - 1)
             if target_cache is None:
-                logger.warning_once(
-                    "GLIDE could not find the target's cache of the current `generate` call; drafting without "
-                    "target context this round (outputs stay exact, acceptance drops)."
-                )
+                if self.model.num_target_forwards == getattr(self, "_target_forwards_at_first_round", None):
+                    logger.warning_once(
+                        "GLIDE's attached target (`draft.target`) has not run during this `generate` call: the model "
+                        "calling `generate` is another one, likely a second copy of the target. The draft drafts "
+                        "without target context (outputs stay exact, acceptance drops, two copies use the memory): "
+                        "call `draft.target.generate(...)`, or load the draft with `target_model=` your target."
+                    )
+                else:
+                    logger.warning_once(
+                        "GLIDE could not find the target's cache of the current `generate` call; drafting without "
+                        "target context this round (outputs stay exact, acceptance drops)."
+                    )
                 target_cache = DynamicCache()
         # Transformers hands these over beside `generation_config`; folded into a copy of it, `generate` does not
         # warn about the mix on every call.
