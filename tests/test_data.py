@@ -224,6 +224,34 @@ def test_skip_bad_lines_skips_and_counts_them(write_jsonl, load, caplog):
     assert "line 5: expected a JSON object" in caplog.text and "line 7: `text` must be a string" in caplog.text
 
 
+def test_skip_bad_lines_logs_the_skips_again_when_the_records_come_from_the_cache(write_jsonl, load, caplog):
+    # New-user audit: an identical second run reloaded the records from the cache and said nothing about the skips.
+    path = write_jsonl(None, raw_lines=BAD_LINES)
+    load(path, skip_bad_lines=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="glide_hf"):
+        records, _ = load(path, skip_bad_lines=True)
+    assert records["text"] == ["fine", "also fine", "ok"]
+    assert f"Skipped 3 bad records in {path} (line 3: not valid JSON" in caplog.text
+    assert "line 7: `text` must be a string" in caplog.text
+
+
+def test_a_cache_without_a_readable_skip_report_still_loads(write_jsonl, load, tmp_path, caplog):
+    path = write_jsonl(None, raw_lines=BAD_LINES)
+    load(path, skip_bad_lines=True)
+    (report,) = (tmp_path / "cache" / "glide_hf_skipped_records").iterdir()
+    report.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="glide_hf"):
+        records, _ = load(path, skip_bad_lines=True)
+    assert records["text"] == ["fine", "also fine", "ok"]
+    assert "skipped-records report" in caplog.text and "unreadable" in caplog.text
+    report.unlink()  # a cache written before the reports existed
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="glide_hf"):
+        records, _ = load(path, skip_bad_lines=True)
+    assert records["text"] == ["fine", "also fine", "ok"] and "Skipped" not in caplog.text
+
+
 def test_record_of_another_format_is_an_error_even_with_skip_bad_lines(write_jsonl, load):
     # Regression: the format came from the first record only, and skip_bad_lines then skipped every text record of
     # a mostly-text file whose first record was chat, with only a warning.

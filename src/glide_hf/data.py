@@ -10,7 +10,8 @@ Pipeline (`prepare_data` runs it end to end; each step is also a public function
      target only.
    - `text`: `{"text": ...}`; loss on every token.
    A malformed record raises `DataFormatError` naming the file and line (or row); with `skip_bad_lines` it is
-   skipped, and the skips are counted and logged per file. A record of another format (a `text` record in chat
+   skipped, and the skips are counted and logged per file (again when the records come from the cache: the count
+   is kept in a small JSON report beside it). A record of another format (a `text` record in chat
    data) is not malformed: it raises `DataFormatError` even with `skip_bad_lines`, since skipping it would drop
    that part of the data in silence. A file that is not readable as its type (random bytes, a truncated Parquet
    file, a damaged `save_to_disk` folder) raises `DataFormatError` naming it. Records are streamed into Arrow
@@ -74,8 +75,12 @@ OVERFLOW_POLICIES: tuple[str, ...] = ("truncate", "drop")
 FORMAT_MARKER_FIELDS = (("chat", "messages"), ("source_target", "target"), ("text", "text"))
 FORMAT_COLUMNS = {"text": ("text",), "chat": ("messages",), "source_target": ("source", "target")}
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
-# Bumped when the record normalisation changes, so that cached Arrow files of an older version are not reused.
-RECORDS_CACHE_VERSION = "2"
+# Bumped when the record normalisation changes, so that cached Arrow files of an older version are not reused
+# (3: the skipped-records report is written beside them).
+RECORDS_CACHE_VERSION = "3"
+# Folder of the `datasets` cache holding one report per cached set of records that had skipped records
+# (`<fingerprint>.json`), so that a reload from the cache logs the skips as the first load did.
+SKIPPED_RECORDS_FOLDER = "glide_hf_skipped_records"
 # Line numbers named per file in the skipped-records warning; the count covers all.
 MAX_REPORTED_BAD_RECORDS = 5
 # Samples per `datasets.map` batch when packing: each batch ends with at most one row shorter than `max_length`.
@@ -374,9 +379,14 @@ def _other_format_error(
 
 
 def _generate_records(
-    sources: tuple[DataSource, ...], data_format: str, skip_bad_lines: bool, detected: bool = False
+    sources: tuple[DataSource, ...],
+    data_format: str,
+    skip_bad_lines: bool,
+    detected: bool = False,
+    report_path: str | None = None,
 ) -> Iterator[dict]:
-    """Normalised records of all sources; bad records raise `DataFormatError` or, when skipped, are logged.
+    """Normalised records of all sources; bad records raise `DataFormatError` or, when skipped, are counted per
+    source in the JSON report `report_path` (written after each source with skips; `_log_skipped_records` logs it).
 
     A record of another format than `data_format` raises `DataFormatError` whatever `skip_bad_lines` says. When
     the format was `detected` from the first records, every record must point to it (`detect_format`); when it was
@@ -384,6 +394,7 @@ def _generate_records(
     are read as one), and a record that does not is an error if it points to another format.
     """
     num_records = 0
+    report = []  # per source with skipped records: its path, their count, the first reasons
     for source in sources:
         skipped = []
         for where, record in _iter_raw(source):
@@ -407,14 +418,48 @@ def _generate_records(
             num_records += 1
             yield normalized
         if skipped:
-            shown = "; ".join(skipped[:MAX_REPORTED_BAD_RECORDS])
-            more = "; ..." if len(skipped) > MAX_REPORTED_BAD_RECORDS else ""
-            logger.warning(f"Skipped {len(skipped)} bad records in {source.path} ({shown}{more}).")
+            report.append({"path": source.path, "count": len(skipped), "shown": skipped[:MAX_REPORTED_BAD_RECORDS]})
+            if report_path is not None:
+                _write_json(report_path, report)
     if num_records == 0:
         raise EmptyDatasetError(
             f"No usable record in {', '.join(source.path for source in sources)}"
             + (" (every record was bad and skipped)." if skip_bad_lines else ".")
         )
+
+
+def _write_json(path: str, value) -> None:
+    """Write `value` as JSON to `path` through a temporary file, so that a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump(value, handle)
+    os.replace(partial, path)
+
+
+def _log_skipped_records(report_path: str) -> None:
+    """Log the skipped records of the report `_generate_records` wrote, whether the records were just generated or
+    reloaded from the cache. No report: nothing was skipped (or the cache predates the reports)."""
+    try:
+        with open(report_path, encoding="utf-8") as handle:
+            report = json.load(handle)
+        lines = []
+        for entry in report:
+            more = "; ..." if entry["count"] > len(entry["shown"]) else ""
+            lines.append(
+                f"Skipped {entry['count']} bad records in {entry['path']} ({'; '.join(entry['shown'])}{more})."
+            )
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, TypeError, KeyError) as error:  # a damaged report must not stop the training
+        logger.warning(
+            f"The skipped-records report {report_path} is unreadable ({type(error).__name__}: {error}): records "
+            "were skipped by `skip_bad_lines` before, but how many is unknown. Delete it and the cached records "
+            "beside it (or pass another `data_cache_dir`) to count them again."
+        )
+        return
+    for line in lines:
+        logger.warning(line)
 
 
 def _record_features(data_format: str):
@@ -441,7 +486,7 @@ def load_records(
         data_format (`str`): `"auto"` (from the first record of each input; all inputs, and every record in
             them, must agree), `"text"`, `"chat"` or `"source_target"`.
         skip_bad_lines (`bool`): skip records that are not valid JSON or lack the format's fields, counting and
-            logging them per file (when the files are read: a reload from the cache does not read them again),
+            logging them per file (a reload from the cache logs them again, from a report kept in the cache),
             instead of raising `DataFormatError` at the first. A record of another format is not skipped: it
             raises `DataFormatError` naming its line and both formats, as one format per run is the contract, and
             skipping would silently drop the part of a mixed file in the other format (most of it, when the first
@@ -480,6 +525,10 @@ def load_records(
     key = json.dumps(
         [RECORDS_CACHE_VERSION, [asdict(source) for source in sources], data_format, detect, skip_bad_lines]
     )
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:32]
+    # Keyed as the cached records: the same inputs (paths, sizes, modification times) skip the same records.
+    cache_root = os.path.expanduser(cache_dir) if cache_dir else str(datasets.config.HF_DATASETS_CACHE)
+    report_path = os.path.join(cache_root, SKIPPED_RECORDS_FOLDER, f"{fingerprint}.json")
     try:
         dataset = datasets.Dataset.from_generator(
             _generate_records,
@@ -489,15 +538,18 @@ def load_records(
                 "data_format": data_format,
                 "skip_bad_lines": skip_bad_lines,
                 "detected": detect,
+                "report_path": report_path,
             },
             cache_dir=cache_dir,
-            fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+            fingerprint=fingerprint,
         )
     except DatasetGenerationError as error:
         cause = error.__cause__
         if isinstance(cause, (DataFormatError, EmptyDatasetError)):
+            _log_skipped_records(report_path)  # the files read before the error, or all when none was usable
             raise cause from None
         raise
+    _log_skipped_records(report_path)
     logger.info(f"Loaded {len(dataset)} `{data_format}` records from {len(sources)} input(s).")
     return dataset, data_format
 
