@@ -41,6 +41,8 @@ MODULES = (
     ("glide_hf.cli", ("main",), "the `glide-hf` command"),
 )  # fmt: skip
 SECTION_HEADERS = re.compile(r"^(Args|Arguments|Attributes|Returns|Raises|Example|Examples):\s*$")
+# A `Raises:` entry starts with the exception's name: "`ValueError`: ..." or "`DataFormatError` (...)".
+EXCEPTION_ENTRY = re.compile(r"^`\w+(Error|Exception|Warning)`")
 # Module paths dropped from rendered annotations: the class name says enough.
 QUALIFIED_NAME = re.compile(r"\b(?:transformers|glide_hf|typing|collections\.abc|pathlib|peft)(?:\.\w+)*\.(\w+)")
 LINE_LENGTH = 119
@@ -197,8 +199,9 @@ def _annotation(annotation) -> str:
 
 def _render_docstring(doc: str) -> str:
     """Transformers-style docstring text as Markdown: section names in bold, entries indented by 4 as list items,
-    deeper lines as their continuation, code fences kept (dedented)."""
-    out, fence_indent = [], None
+    deeper lines as their continuation, code fences kept (dedented). A `Returns:` entry, and a `Raises:` entry until
+    the next exception name, go on at the same indent: those lines continue it."""
+    out, fence_indent, section, in_entry = [], None, None, False
     for line in doc.splitlines():
         stripped = line.strip()
         indent = len(line) - len(line.lstrip())
@@ -211,13 +214,27 @@ def _render_docstring(doc: str) -> str:
             fence_indent = indent
             out.append(stripped)
         elif indent == 0 and SECTION_HEADERS.match(stripped):
+            section, in_entry = SECTION_HEADERS.match(stripped).group(1), False
             out += ["", f"**{stripped}**", ""]
         elif not stripped or indent == 0:
+            in_entry = False
             out.append(stripped)
+        elif indent > 4 or (in_entry and _continues_entry(section, stripped)):
+            out.append(f"  {stripped}")
         else:
-            out.append(f"- {stripped}" if indent <= 4 else f"  {stripped}")
+            in_entry = True
+            out.append(f"- {stripped}")
     text = "\n".join(out)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _continues_entry(section: str | None, line: str) -> bool:
+    """Whether `line`, at an entry's indent right after it, goes on with that entry."""
+    if section == "Returns":
+        return True
+    if section == "Raises":
+        return not EXCEPTION_ENTRY.match(line)
+    return False
 
 
 def _own_doc(obj) -> str:
