@@ -148,3 +148,16 @@ def test_draft_vocab_command_saves_the_most_frequent_tokens(target_dir, tmp_path
     a, b = (tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in ("a", "b"))
     assert set(loaded.draft_vocab_ids.tolist()) == specials | {a, b}  # 'b' x6 and 'a' x4 beat ' ' x2 and 'c' x1
     assert loaded.config.draft_vocab_size == size
+
+
+@pytest.mark.parametrize("spelling", ["dashes", "underscores"])
+def test_draft_vocab_flags_of_two_words_take_dashes_or_underscores(spelling):
+    # New-user audit: draft-vocab refused `--max_length`, which train, bench and distill-data accept.
+    from glide_hf.draft_vocab import _build_parser
+
+    flags = ["--data-format", "text", "--max-length", "16"]
+    if spelling == "underscores":
+        flags = ["--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag for flag in flags]
+    required = ["--draft", "d", "--data", "x.jsonl", "--size", "8", "--output", "o"]
+    args = _build_parser("glide-hf draft-vocab").parse_args([*required, *flags])
+    assert args.data_format == "text" and args.max_length == 16

@@ -62,11 +62,9 @@ def most_frequent_token_ids(counts: torch.Tensor, size: int, always_include: Ite
     return chosen.nonzero().squeeze(-1)
 
 
-def run_cli(argv: list[str], prog: str) -> int:
-    """`glide-hf draft-vocab` with the flags `argv` (after the subcommand): choose a draft's vocabulary from data
-    and save the draft with it. Returns the exit status."""
-    from .data import load_records, tokenize_records
-
+def _build_parser(prog: str) -> argparse.ArgumentParser:
+    """The flags of `glide-hf draft-vocab`. A flag of two words is spelled `--max-length` or `--max_length`, as in
+    the commands whose flags come from dataclasses (`HfArgumentParser`)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Count the tokens of your data with the target's tokenizer and save the draft with its most "
@@ -77,8 +75,21 @@ def run_cli(argv: list[str], prog: str) -> int:
     parser.add_argument("--size", required=True, type=int, help="Number of token ids to draft over, e.g. 32768.")
     parser.add_argument("--output", required=True, help="Folder to save the draft to (may be --draft itself).")
     parser.add_argument("--target", default=None, help="The target (for its tokenizer); default: the draft's.")
-    parser.add_argument("--data-format", default="auto", choices=("auto", "text", "chat", "source_target"))
-    parser.add_argument("--max-length", type=int, default=8192, help="Longer samples are truncated (in tokens).")
+    parser.add_argument(
+        "--data-format", "--data_format", default="auto", choices=("auto", "text", "chat", "source_target")
+    )
+    parser.add_argument(
+        "--max-length", "--max_length", type=int, default=8192, help="Longer samples are truncated (in tokens)."
+    )
+    return parser
+
+
+def run_cli(argv: list[str], prog: str) -> int:
+    """`glide-hf draft-vocab` with the flags `argv` (after the subcommand): choose a draft's vocabulary from data
+    and save the draft with it. Returns the exit status."""
+    from .data import load_records, tokenize_records
+
+    parser = _build_parser(prog)
     args = parser.parse_args(argv)
     if Path(args.output).is_file():
         parser.error(f"--output {args.output} is a file; pass a folder (it is created if missing).")
