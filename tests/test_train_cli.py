@@ -318,7 +318,7 @@ def test_cli_refuses_to_resume_from_a_checkpoint_without_optimizer_state(cli_run
     flags = cli_flags(target_dir, tmp_path / "out", "--max-steps", "4", "--resume-from-checkpoint", str(checkpoint))
     assert main(["train", *flags]) == 1
     error = capsys.readouterr().err
-    assert "lacks the optimizer state" in error and "--init-draft" in error
+    assert "lacks optimizer.pt (the optimizer state):" in error and "--init-draft" in error
 
 
 @pytest.mark.parametrize(

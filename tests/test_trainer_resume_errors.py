@@ -14,7 +14,7 @@ import pytest
 from tiny_training import DATA_FILE
 
 import glide_hf.trainer as trainer_module
-from glide_hf import CheckpointFormatError
+from glide_hf import CheckpointFormatError, GlideConfigError
 from glide_hf.cli import main
 from glide_hf.trainer import build_glide_trainer, parse_train_args, resolve_checkpoint, train_glide
 
@@ -158,3 +158,15 @@ def test_trainer_train_called_directly_checks_the_checkpoint_files_too(run_copy,
     trainer = build_glide_trainer(glide_args, training_args)
     with pytest.raises(CheckpointFormatError, match="optimizer.pt"):
         trainer.train(resume_from_checkpoint=str(run_copy / DAMAGED))
+
+
+def test_a_checkpoint_missing_its_scheduler_and_optimizer_lists_both_files_clearly(run_copy, target_dir):
+    # New-user audit: "lacks scheduler.pt, the optimizer state (optimizer.pt)" read as one file with two names.
+    (run_copy / DAMAGED / "scheduler.pt").unlink()
+    (run_copy / DAMAGED / "optimizer.pt").unlink()
+    with pytest.raises(GlideConfigError) as raised:
+        resolve(target_dir, run_copy, "--resume")
+    assert (
+        f"The checkpoint {run_copy / DAMAGED} lacks scheduler.pt (the learning-rate schedule) and optimizer.pt (the "
+        "optimizer state): resuming would restart"
+    ) in str(raised.value)

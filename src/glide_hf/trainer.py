@@ -41,7 +41,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer import CONFIG_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import CONFIG_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import (
@@ -72,6 +72,12 @@ CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 # one saved again at the same step is moved to `checkpoint-N.replaced` until the new one has taken its name.
 CHECKPOINT_STAGING_SUFFIX = ".tmp"
 CHECKPOINT_REPLACED_SUFFIX = ".replaced"
+# What each file that resuming needs holds, for the error that names a missing one.
+RESUME_FILE_CONTENTS = {
+    TRAINER_STATE_NAME: "the trainer state",
+    SCHEDULER_NAME: "the learning-rate schedule",
+    OPTIMIZER_NAME: "the optimizer state",
+}
 # Checkpoint files written with `torch.save` (zip archives).
 TORCH_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin")
 MODEL_CARD_TAGS = ["glide-hf-train"]
@@ -837,13 +843,14 @@ def _check_resumable(checkpoint: str) -> None:
     # DeepSpeed's engine checkpoint (`latest`, `global_step*/`) holds the optimizer, and its own scheduler.
     deepspeed = any(name == "latest" or name.startswith("global_step") for name in names)
     required = [TRAINER_STATE_NAME] if deepspeed else [TRAINER_STATE_NAME, SCHEDULER_NAME]
-    missing = [name for name in required if name not in names]
+    missing = [f"{name} ({RESUME_FILE_CONTENTS[name]})" for name in required if name not in names]
     # The Trainer's own optimizer is one file, FSDP's a folder `optimizer_0`.
     if not deepspeed and not any(name.startswith("optimizer") for name in names):
-        missing.append("the optimizer state (optimizer.pt)")
+        missing.append(f"{OPTIMIZER_NAME} ({RESUME_FILE_CONTENTS[OPTIMIZER_NAME]})")
     if missing:
+        listing = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
         raise GlideConfigError(
-            f"The checkpoint {checkpoint} lacks {', '.join(missing)}: resuming would restart the optimizer and the "
+            f"The checkpoint {checkpoint} lacks {listing}: resuming would restart the optimizer and the "
             "learning-rate schedule. It may have been saved with `--save-only-model` or cut short. To train on from "
             "its weights as a new stage, pass `--init-draft` with it (and no `--resume`)."
         )
