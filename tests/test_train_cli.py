@@ -122,7 +122,9 @@ def test_cli_reports_an_unknown_attention_backend_in_one_line(target_dir, tmp_pa
     )
     error = capsys.readouterr().err
     assert status == 1
-    assert error.startswith("glide-hf train: error: `--attn_implementation bogus` cannot load the target")
+    assert error.startswith(
+        "glide-hf train: error: `--attn-implementation bogus` (`attn_implementation='bogus'`) cannot load the target"
+    )
 
 
 def test_cli_reads_a_config_file_and_later_flags_override_it(target_dir, tmp_path, capsys):

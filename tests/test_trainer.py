@@ -381,3 +381,20 @@ def test_training_arguments_refuse_a_choice_outside_their_literal(field, value, 
 
     with pytest.raises(GlideConfigError, match=message):
         GlideTrainingArguments(target="t", data=["d.jsonl"], **{field: value})
+
+
+def test_an_output_dir_error_names_the_fields_beside_the_flags(tmp_path):
+    # New-user audit: from Python, "Pass `--resume` / `--overwrite-output-dir`" named only the command-line flags.
+    from glide_hf import GlideConfigError
+    from glide_hf.trainer import GlideTrainingArguments, check_output_dir
+
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "model.safetensors").write_bytes(b"")
+    glide_args = GlideTrainingArguments(target="t", data=["d.jsonl"])
+    with pytest.raises(GlideConfigError, match="already holds a run") as raised:
+        check_output_dir(glide_args, training_arguments(output_dir))
+    message = str(raised.value)
+    assert "`--resume` (`resume=True`) to continue it" in message
+    assert "`--overwrite-output-dir` (`overwrite_output_dir=True`) to replace it" in message
+    assert message.endswith("or another `--output-dir` (`output_dir`).")

@@ -170,3 +170,15 @@ def test_a_checkpoint_missing_its_scheduler_and_optimizer_lists_both_files_clear
         f"The checkpoint {run_copy / DAMAGED} lacks scheduler.pt (the learning-rate schedule) and optimizer.pt (the "
         "optimizer state): resuming would restart"
     ) in str(raised.value)
+
+
+def test_resume_errors_name_the_fields_beside_the_flags(run_copy, target_dir):
+    # New-user audit: from Python, the way on was given as command-line flags only.
+    damage(run_copy / DAMAGED, "optimizer.pt", "truncated")
+    with pytest.raises(CheckpointFormatError) as raised:
+        resolve(target_dir, run_copy, "--resume")
+    message = str(raised.value)
+    assert (
+        f"`--resume-from-checkpoint {run_copy / EARLIER}` (`resume_from_checkpoint='{run_copy / EARLIER}'`)" in message
+    )
+    assert f"`--init-draft {run_copy / DAMAGED}` (`init_draft='{run_copy / DAMAGED}'`)" in message

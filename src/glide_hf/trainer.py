@@ -264,6 +264,18 @@ class GlideCliArguments:
     unsupported_here: dict[str, str] = field(default_factory=dict, init=False)
 
 
+def _option(name: str, value=None) -> str:
+    """A setting as an error message names it, for both ways of giving it: the `glide-hf train` flag and the
+    `GlideTrainingArguments` / `TrainingArguments` field. `_option("resume", True)` is "`--resume` (`resume=True`)",
+    `_option("output_dir")` is "`--output-dir` (`output_dir`)"."""
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return f"`{flag}` (`{name}`)"
+    if value is True:
+        return f"`{flag}` (`{name}=True`)"
+    return f"`{flag} {value}` (`{name}={value!r}`)"
+
+
 # --- building the pieces ---------------------------------------------------------------------------------------------
 
 
@@ -292,7 +304,7 @@ def load_target(glide_args: GlideTrainingArguments, training_args: TrainingArgum
         if glide_args.attn_implementation is None:
             raise
         raise GlideConfigError(
-            f"`--attn_implementation {glide_args.attn_implementation}` cannot load the target: {error}"
+            f"{_option('attn_implementation', glide_args.attn_implementation)} cannot load the target: {error}"
         ) from error
     return target.eval()
 
@@ -367,10 +379,13 @@ def check_tokenizer_fits_target(glide_args: GlideTrainingArguments, tokenizer, t
         return
     if glide_args.tokenizer is not None:
         source = f"The tokenizer `{glide_args.tokenizer}`"
-        remedy = "Pass the target's own tokenizer (or drop `--tokenizer` to load it from the target)."
+        remedy = f"Pass the target's own tokenizer (or drop {_option('tokenizer')} to load it from the target)."
     else:
         source = f"The tokenizer of the target `{glide_args.target}`"
-        remedy = "It holds tokens added after the target was trained: pass the original tokenizer with `--tokenizer`."
+        remedy = (
+            "It holds tokens added after the target was trained: pass the original tokenizer with "
+            f"{_option('tokenizer')}."
+        )
     raise GlideConfigError(
         f"{source} has {num_tokens} tokens (special tokens included), more than the target's embedding has rows "
         f"(`vocab_size={vocab_size}`): token ids {vocab_size} and above cannot be looked up. {remedy}"
@@ -820,7 +835,7 @@ def check_output_dir(glide_args: GlideTrainingArguments, training_args: Training
         if source and os.path.isdir(source) and os.path.samefile(source, output_dir):
             raise GlideConfigError(
                 f"`output_dir` {output_dir} is the `{name}` folder: the run would overwrite it. Give another "
-                "`--output-dir`."
+                f"{_option('output_dir')}."
             )
     resuming = glide_args.resume or training_args.resume_from_checkpoint
     holds_run = get_last_checkpoint(output_dir) is not None or any(
@@ -828,8 +843,9 @@ def check_output_dir(glide_args: GlideTrainingArguments, training_args: Training
     )
     if holds_run and not resuming and not glide_args.overwrite_output_dir:
         raise GlideConfigError(
-            f"`output_dir` {output_dir} already holds a run (checkpoints or a saved draft). Pass `--resume` to "
-            "continue it, `--overwrite-output-dir` to replace it, or another `--output-dir`."
+            f"`output_dir` {output_dir} already holds a run (checkpoints or a saved draft). Pass "
+            f"{_option('resume', True)} to continue it, {_option('overwrite_output_dir', True)} to replace it, or "
+            f"another {_option('output_dir')}."
         )
 
 
@@ -851,8 +867,9 @@ def _check_resumable(checkpoint: str) -> None:
         listing = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
         raise GlideConfigError(
             f"The checkpoint {checkpoint} lacks {listing}: resuming would restart the optimizer and the "
-            "learning-rate schedule. It may have been saved with `--save-only-model` or cut short. To train on from "
-            "its weights as a new stage, pass `--init-draft` with it (and no `--resume`)."
+            f"learning-rate schedule. It may have been saved with {_option('save_only_model', True)} or cut short. "
+            f"To train on from its weights as a new stage, pass {_option('init_draft', checkpoint)} instead of "
+            "resuming."
         )
     _check_checkpoint_files(checkpoint)
 
@@ -891,14 +908,14 @@ def _check_checkpoint_files(checkpoint: str) -> None:
     described = [f"`{name}` ({reason})" for name, reason in damaged]
     files = f"its file {described[0]} is" if len(damaged) == 1 else f"its files {', '.join(described)} are"
     earlier = _earlier_checkpoint(checkpoint)
-    remedy = f"Resume from an earlier checkpoint instead (`--resume-from-checkpoint {earlier or 'PATH'}`)"
+    remedy = f"Resume from an earlier checkpoint instead: {_option('resume_from_checkpoint', earlier or 'PATH')}"
     # What `--init-draft` loads (`from_pretrained`): the config and the weights.
     draft_files_damaged = any(
         name == CONFIG_NAME or name.startswith("pytorch_model") or name.endswith((".safetensors", ".index.json"))
         for name, _ in damaged
     )
     if not draft_files_damaged:
-        remedy += f", or train on from its weights as a new stage: `--init-draft {checkpoint}` (and no `--resume`)"
+        remedy += f"; or train on from its weights as a new stage: {_option('init_draft', checkpoint)}, not resuming"
     raise CheckpointFormatError(
         f"The checkpoint {checkpoint} cannot be resumed: {files} truncated or not in the expected format (a save "
         f"or copy cut short, or a file of another kind). {remedy}."
