@@ -146,10 +146,27 @@ def test_chat_turn_rewritten_by_the_template_is_left_untrained_and_counted(write
     )
     with caplog.at_level(logging.WARNING, logger="glide_hf"):
         rows, stats = encode(rewriting, load, write_jsonl([{"messages": CONVERSATION[1:]}]))
-    assert stats.num_untrained_turns == 1
-    assert "1 assistant turns were left untrained" in caplog.text
+    assert stats.num_untrained_turns == 1 and stats.num_untrained_opening_turns == 0
+    assert "1 assistant turns were left untrained: the chat template renders the conversation" in caplog.text
     trained = [token for token, label in zip(rows[0]["input_ids"], rows[0]["labels"]) if label != IGNORE]
     assert rewriting.decode(trained) == "done" + END_OF_TURN
+
+
+def test_chat_turn_before_any_user_turn_is_reported_as_such(tokenizer, write_jsonl, load, caplog):
+    # New-user audit: a conversation opening with an assistant turn was reported as "a template that rewrites
+    # earlier turns". Transformers refuses to render the empty conversation before it, so it cannot be located.
+    messages = [
+        {"role": "assistant", "content": "hello!"},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "done"},
+    ]
+    with caplog.at_level(logging.WARNING, logger="glide_hf"):
+        rows, stats = encode(tokenizer, load, write_jsonl([{"messages": messages}]))
+    assert stats.num_untrained_turns == stats.num_untrained_opening_turns == 1
+    assert "1 assistant turns were left untrained: they come before any user turn" in caplog.text
+    assert "rewrites earlier turns" not in caplog.text
+    trained = [token for token, label in zip(rows[0]["input_ids"], rows[0]["labels"]) if label != IGNORE]
+    assert tokenizer.decode(trained) == "done" + END_OF_TURN  # the later turn still trains
 
 
 def test_chat_data_with_a_tokenizer_without_chat_template_is_an_error(write_jsonl, load):

@@ -30,7 +30,9 @@ template's end-of-turn markers, e.g. `<|im_end|>` or `<|eot_id|>`, which the dra
 conversation is tokenized once, and a token is trained when its character offset falls in such a span. Working on
 characters rather than on token prefixes keeps the mask exact when a BPE merge crosses the boundary between the
 template's header and the reply. A turn whose prefix renders differently inside the full conversation (templates
-that rewrite earlier turns, such as Qwen3 dropping earlier reasoning) is left untrained, counted and logged.
+that rewrite earlier turns, such as Qwen3 dropping earlier reasoning) is left untrained, counted and logged; so is an
+assistant turn before any user turn whose prefix cannot be rendered as a prompt (Transformers refuses to render an
+empty conversation), logged under that cause.
 Templates that mark assistant text with `{% generation %}` use Transformers' `return_assistant_tokens_mask`
 instead, which is the template author's own statement of the spans.
 
@@ -75,9 +77,11 @@ OVERFLOW_POLICIES: tuple[str, ...] = ("truncate", "drop")
 FORMAT_MARKER_FIELDS = (("chat", "messages"), ("source_target", "target"), ("text", "text"))
 FORMAT_COLUMNS = {"text": ("text",), "chat": ("messages",), "source_target": ("source", "target")}
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
-# Bumped when the record normalisation changes, so that cached Arrow files of an older version are not reused
-# (3: the skipped-records report is written beside them).
-RECORDS_CACHE_VERSION = "3"
+# Bumped when the record normalisation or the tokenized columns change, so that cached Arrow files of an older
+# version are not reused: the tokenized rows' cache is keyed by the records' fingerprint, since `datasets` hashes
+# `_Encoder` by its fields, not its code (3: the skipped-records report is written beside the records; 4: the
+# tokenized rows count untrained opening turns).
+RECORDS_CACHE_VERSION = "4"
 # Folder of the `datasets` cache holding one report per cached set of records that had skipped records
 # (`<fingerprint>.json`), so that a reload from the cache logs the skips as the first load did.
 SKIPPED_RECORDS_FOLDER = "glide_hf_skipped_records"
@@ -569,6 +573,9 @@ class TokenizationStats:
     num_untrained_turns: int  # chat turns whose template rendering could not be located
     num_kept: int
     num_tokens: int  # tokens in the kept samples
+    # Of `num_untrained_turns`, assistant turns with no user turn before them (a conversation that opens with the
+    # assistant): their cause is the turn order, not a template that rewrites earlier turns.
+    num_untrained_opening_turns: int = 0
 
     def summary(self) -> str:
         action = "truncated" if self.overflow == "truncate" else "dropped"
@@ -606,8 +613,15 @@ class _Encoder:
             encoded = self._encode_pairs(batch["source"], batch["target"])
         else:
             encoded = [self._encode_chat(messages, index) for messages, index in zip(batch["messages"], indices)]
-        out = {"input_ids": [], "labels": [], "num_tokens": [], "num_label_tokens": [], "num_untrained_turns": []}
-        for ids, labels, untrained in encoded:
+        out = {
+            "input_ids": [],
+            "labels": [],
+            "num_tokens": [],
+            "num_label_tokens": [],
+            "num_untrained_turns": [],
+            "num_untrained_opening_turns": [],
+        }
+        for ids, labels, (untrained, opening) in encoded:
             out["num_tokens"].append(len(ids))
             if self.max_length is not None:  # None when packing: `pack_rows` cuts the stream into rows instead
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
@@ -616,21 +630,24 @@ class _Encoder:
             # labels[0] is never a prediction target: position t predicts labels[t + 1].
             out["num_label_tokens"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
             out["num_untrained_turns"].append(untrained)
+            out["num_untrained_opening_turns"].append(opening)
         return out
 
     def _with_eos(self, ids: list[int]) -> list[int]:
         eos = self.tokenizer.eos_token_id
         return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
-    def _encode_texts(self, texts: list[str]) -> list[tuple[list[int], list[int], int]]:
+    def _encode_texts(self, texts: list[str]) -> list[tuple[list[int], list[int], tuple[int, int]]]:
         # One call per batch: fast tokenizers encode a batch in parallel.
         encoded = []
         for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]:
             ids = self._with_eos(list(ids))
-            encoded.append((ids, list(ids), 0))
+            encoded.append((ids, list(ids), (0, 0)))
         return encoded
 
-    def _encode_pairs(self, sources: list[str], targets: list[str]) -> list[tuple[list[int], list[int], int]]:
+    def _encode_pairs(
+        self, sources: list[str], targets: list[str]
+    ) -> list[tuple[list[int], list[int], tuple[int, int]]]:
         # Tokenized apart, so that the boundary between prompt and target is exact (a joint tokenization may merge
         # characters across it); the special tokens (BOS) go in front of the source only.
         prompts = self.tokenizer(sources, add_special_tokens=True)["input_ids"]
@@ -638,7 +655,7 @@ class _Encoder:
         encoded = []
         for prompt, response in zip(prompts, responses):
             response = self._with_eos(list(response))
-            encoded.append((list(prompt) + response, [IGNORE_INDEX] * len(prompt) + response, 0))
+            encoded.append((list(prompt) + response, [IGNORE_INDEX] * len(prompt) + response, (0, 0)))
         return encoded
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -646,7 +663,9 @@ class _Encoder:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def _encode_chat(self, messages: list[dict], index: int) -> tuple[list[int], list[int], int]:
+    def _encode_chat(self, messages: list[dict], index: int) -> tuple[list[int], list[int], tuple[int, int]]:
+        """`input_ids`, `labels` and `(untrained, opening)`: the assistant turns that could not be located, and how
+        many of them come before any user turn."""
         try:
             if self.use_generation_mask:
                 encoded = self.tokenizer.apply_chat_template(
@@ -654,33 +673,34 @@ class _Encoder:
                 )
                 ids = list(encoded["input_ids"])
                 labels = [tok if mask else IGNORE_INDEX for tok, mask in zip(ids, encoded["assistant_masks"])]
-                return ids, labels, 0
+                return ids, labels, (0, 0)
             full = self._render(messages, add_generation_prompt=False)
         except Exception as error:  # the template's own errors (`raise_exception`, jinja) name no sample
             raise DataFormatError(
                 f"Chat sample {index}: the tokenizer's chat template failed on it ({type(error).__name__}: {error})."
             ) from error
-        spans, untrained = [], 0
+        spans, untrained, opening = [], 0, 0
         for turn, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
             try:
                 start_text = self._render(messages[:turn], add_generation_prompt=True)
                 end_text = self._render(messages[: turn + 1], add_generation_prompt=False)
+                located = end_text.startswith(start_text) and full.startswith(end_text) and end_text != start_text
             except Exception:  # e.g. a template that requires a user turn first: this turn cannot be located
-                untrained += 1
+                located = False
+            if located:
+                spans.append((len(start_text), len(end_text)))
                 continue
-            if not (end_text.startswith(start_text) and full.startswith(end_text)) or len(end_text) == len(start_text):
-                untrained += 1
-                continue
-            spans.append((len(start_text), len(end_text)))
+            untrained += 1
+            opening += not any(earlier["role"] == "user" for earlier in messages[:turn])
         encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(encoded["input_ids"])
         labels = [
             tok if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
             for tok, offset in zip(ids, encoded["offset_mapping"])
         ]
-        return ids, labels, untrained
+        return ids, labels, (untrained, opening)
 
 
 def tokenize_records(
@@ -735,7 +755,9 @@ def tokenize_records(
         num_proc=num_proc,
         desc="Tokenizing",
     )
-    counts = encoded.select_columns(["num_tokens", "num_label_tokens", "num_untrained_turns"]).with_format("numpy")
+    counts = encoded.select_columns(
+        ["num_tokens", "num_label_tokens", "num_untrained_turns", "num_untrained_opening_turns"]
+    ).with_format("numpy")
     num_tokens = np.asarray(counts["num_tokens"])
     num_label_tokens = np.asarray(counts["num_label_tokens"])
     overflowing = (num_tokens > max_length) & (not keep_whole)
@@ -752,6 +774,7 @@ def tokenize_records(
         num_untrained_turns=int(np.asarray(counts["num_untrained_turns"]).sum()),
         num_kept=len(kept_indices),
         num_tokens=int((num_tokens if keep_whole else np.minimum(num_tokens, max_length))[kept_indices].sum()),
+        num_untrained_opening_turns=int(np.asarray(counts["num_untrained_opening_turns"]).sum()),
     )
     logger.info(stats.summary())
     if stats.num_overflowing:
@@ -759,11 +782,19 @@ def tokenize_records(
             f"{stats.num_overflowing} of {stats.num_samples} samples are longer than max_length={max_length} and "
             f"were {'truncated' if overflow == 'truncate' else 'dropped'} (`overflow={overflow!r}`)."
         )
-    if stats.num_untrained_turns:
+    if stats.num_untrained_opening_turns:
         logger.warning(
-            f"{stats.num_untrained_turns} assistant turns were left untrained: the chat template renders the "
-            "conversation before them differently from the full conversation (a template that rewrites earlier "
-            "turns), so their tokens could not be located."
+            f"{stats.num_untrained_opening_turns} assistant turns were left untrained: they come before any user "
+            "turn (the conversation starts with an assistant turn), and the chat template cannot render the "
+            "conversation before them as a prompt, so their tokens could not be located. Check the order of the "
+            "turns (`role`) in these records: a conversation should start with a user turn (after any system turn)."
+        )
+    rewritten = stats.num_untrained_turns - stats.num_untrained_opening_turns
+    if rewritten:
+        logger.warning(
+            f"{rewritten} assistant turns were left untrained: the chat template renders the conversation before "
+            "them differently from the full conversation (a template that rewrites earlier turns), so their tokens "
+            "could not be located."
         )
     if stats.num_kept == 0:
         raise EmptyDatasetError(
