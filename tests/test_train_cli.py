@@ -6,6 +6,7 @@ target folder holds both.
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -231,14 +232,18 @@ def test_build_loads_an_fp32_draft_on_a_frozen_target_with_the_chosen_attention(
 # --- multi-stage training --------------------------------------------------------------------------------------------
 
 
-def test_init_draft_continues_from_the_saved_draft(cli_run, target_dir, tmp_path):
+def test_init_draft_continues_from_the_saved_draft(cli_run, target_dir, tmp_path, monkeypatch):
     _, stage1_dir, _ = cli_run
-    glide_args, training_args = arguments(target_dir, tmp_path / "stage2", "--init-draft", str(stage1_dir))
+    monkeypatch.chdir(os.path.dirname(target_dir))  # the target given as a relative folder
+    relative_target = os.path.basename(target_dir)
+    glide_args, training_args = arguments(relative_target, tmp_path / "stage2", "--init-draft", str(stage1_dir))
     trainer = build_glide_trainer(glide_args, training_args)
     saved = draft_weights(stage1_dir)
     current = trainer.model.state_dict()
     assert all(torch.equal(current[name], tensor) for name, tensor in saved.items())
     assert all(current[name].dtype == torch.float32 for name in saved)
+    # The continued draft names this run's target by its absolute path: it loads from any working folder.
+    assert trainer.model.config.target_name_or_path == target_dir
 
 
 def test_init_draft_for_another_target_shape_is_an_error(make_draft, tiny_qwen2_path, target_dir, tmp_path):

@@ -57,7 +57,7 @@ from .cli import cli_logging
 from .data import AnchorOffset, GlideDataCollator, PreparedData, prepare_data, resolve_sources
 from .errors import CheckpointFormatError, GlideConfigError, TargetMismatchError, TargetNotFoundError
 from .model_card import write_model_card
-from .modeling_glide import GlideForCausalLM
+from .modeling_glide import GlideForCausalLM, _target_reference
 
 logger = logging.get_logger(__name__)
 
@@ -355,7 +355,7 @@ def build_draft(glide_args: GlideTrainingArguments, target: PreTrainedModel) -> 
         if "num_draft_tokens" in given:
             draft.generation_config.num_assistant_tokens = given["num_draft_tokens"]
         # The saved draft names the target it was trained with last.
-        config.target_name_or_path = glide_args.target
+        config.target_name_or_path = _target_reference(glide_args.target)
         logger.info(f"Continuing the GLIDE draft of `{glide_args.init_draft}`.")
     return draft
 
