@@ -204,7 +204,12 @@ def test_dry_run_without_a_gpu_still_reports_other_training_argument_errors(no_b
 def test_a_real_run_of_a_bf16_config_without_a_gpu_is_still_refused(no_bf16_here, tmp_path, capsys):
     with pytest.raises(SystemExit) as raised:
         main(["train", str(EXAMPLE_CONFIGS[0]), "--output-dir", str(tmp_path / "out")])
-    assert raised.value.code == 2 and "bf16" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert raised.value.code == 2 and "--bf16 needs a GPU with bf16" in error and "--bf16 false" in error
+    # Another error of the same run is reported as itself, not as the hardware one.
+    with pytest.raises(SystemExit) as raised:
+        main(["train", str(EXAMPLE_CONFIGS[0]), "--output-dir", str(tmp_path / "out"), "--warmup-steps", "-1"])
+    assert raised.value.code == 2 and "warmup_steps >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config_file", EXAMPLE_CONFIGS, ids=lambda path: path.stem)

@@ -1085,7 +1085,7 @@ def _dry_run_training_arguments(values: dict) -> tuple[TrainingArguments, dict[s
     `resolved_config` prints them back as asked and says so.
 
     Not when `fp16` is also set with bf16: the retry would hide the conflict, which `TrainingArguments` reports
-    after the hardware check."""
+    after the hardware check. A real run uses it too, to replace that refusal with one line saying what to do."""
     try:
         return TrainingArguments(**values), {}
     except ValueError:
@@ -1125,7 +1125,15 @@ def parse_train_args(
         if cli_args.dry_run:
             training_args, cli_args.unsupported_here = _dry_run_training_arguments(fields_of(TrainingArguments))
         else:
-            training_args = TrainingArguments(**fields_of(TrainingArguments))
+            # Built as for a dry run, only to tell a refusal for this machine's hardware alone (then one clear line).
+            training_args, unsupported = _dry_run_training_arguments(fields_of(TrainingArguments))
+            if unsupported:
+                flags = ", ".join(f"--{name} needs {hardware}" for name, hardware in unsupported.items())
+                parser.error(
+                    f"{flags}, which this machine lacks. Run on such a GPU, or pass "
+                    f"{' '.join(f'--{name} false' for name in unsupported)} to train here in float32 (slow); "
+                    "`--dry-run` checks the rest of the configuration on this machine."
+                )
     except ValueError as error:  # dataclass checks: `GlideConfigError` and TrainingArguments' own
         parser.error(str(error))
     if remaining:
