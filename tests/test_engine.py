@@ -979,3 +979,20 @@ def test_left_padded_prompts_without_a_mask_are_read_as_target_generate_reads_th
     if pad_token_id is not None:  # padding was read as padding: the short row equals its own generation
         short = ids[:1, ids.shape[1] - 4 :]
         assert torch.equal(expected[0, ids.shape[1] :], target.generate(short, **settings)[0, 4:])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),  # Transformers' default: 20 new tokens (not a total length of 20)
+        dict(max_length=15),
+        dict(max_new_tokens=30, forced_eos_token_id=17),  # forced at the last position of prompt + 30
+    ],
+    ids=["default_length", "max_length", "forced_eos"],
+)
+def test_generated_length_and_forced_eos_are_those_of_target_generate(settings):
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(1, 8, seed=1)
+    expected = target.generate(prompt, do_sample=False, eos_token_id=None, **settings)
+    assert torch.equal(draft.generate(prompt, do_sample=False, eos_token_id=None, **settings), expected)

@@ -330,12 +330,25 @@ def glide_generate(
     if config.max_time is not None:  # as `target.generate`: one more criterion
         stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), MaxTimeCriteria(config.max_time)])
     prompt_length = input_ids.shape[1]
-    max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_length
+    # As `target.generate` (`_prepare_generated_length`): `max_new_tokens`, else a `max_length` given by the caller
+    # or a generation config, else Transformers' default of `max_length` new tokens within the position limit.
+    has_default_max_length = (
+        kwargs.get("max_length") is None
+        and (generation_config is None or generation_config.max_length is None)
+        and target.generation_config.max_length is None
+    )
+    if config.max_new_tokens is not None:
+        max_new_tokens = config.max_new_tokens
+    elif has_default_max_length:
+        max_new_tokens = min(config.max_length + prompt_length, target.config.max_position_embeddings) - prompt_length
+    else:
+        max_new_tokens = config.max_length - prompt_length
     if max_new_tokens < 1:
         raise UnsupportedGenerationError(
             f"Nothing to generate: the prompt has {prompt_length} tokens and `max_length={config.max_length}`. Set "
             "`max_new_tokens` (or a larger `max_length`)."
         )
+    config.max_length = prompt_length + max_new_tokens  # what Transformers' processors read (forced end-of-sequence)
     max_positions = target.config.max_position_embeddings
     if prompt_length + max_new_tokens + policy.depth > max_positions:
         raise UnsupportedGenerationError(
