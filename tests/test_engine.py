@@ -996,3 +996,56 @@ def test_generated_length_and_forced_eos_are_those_of_target_generate(settings):
     prompt = random_ids(1, 8, seed=1)
     expected = target.generate(prompt, do_sample=False, eos_token_id=None, **settings)
     assert torch.equal(draft.generate(prompt, do_sample=False, eos_token_id=None, **settings), expected)
+
+
+class RecordingStreamer:
+    """Keeps every tensor `generate` streams, then "end"."""
+
+    def __init__(self) -> None:
+        self.puts = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.clone())
+
+    def end(self) -> None:
+        self.puts.append("end")
+
+
+class StopOnToken(StoppingCriteria):
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_stopping_criteria_and_the_streamer_see_what_target_generate_shows_them():
+    """A draft that agrees with its target accepts many tokens per round: a criterion that fires in the middle of a
+    round (on the last token, or on the length) stops its row there, rows behind the others are checked on their own
+    sequence, and the streamer gets the prompt, then one `[batch]` tensor per step (padding for finished rows)."""
+    from test_assisted import build_agreeing_pair
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    target, draft = build_agreeing_pair()
+    ids, mask = left_pad([random_ids(1, length, seed=length)[0] for length in (6, 9, 4)])
+    free = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    unused = next(token for token in range(VOCAB) if token not in free)
+    settings = dict(max_new_tokens=24, do_sample=False, eos_token_id=unused, pad_token_id=0)
+    stop_token = int(free[0, ids.shape[1] + 6])  # row 0's seventh new token
+    for criterion in (StopOnToken(stop_token), MaxLengthCriteria(ids.shape[1] + 7)):
+        runs = []
+        for model in (target, draft):
+            streamer = RecordingStreamer()
+            out = model.generate(
+                ids, attention_mask=mask, stopping_criteria=[criterion], streamer=streamer, **settings
+            )
+            runs.append((out, streamer.puts))
+        (expected, expected_puts), (got, got_puts) = runs
+        assert torch.equal(got, expected), (criterion, got, expected)
+        assert draft.generate(ids, attention_mask=mask, stopping_criteria=[criterion], **settings).shape[1] < (
+            ids.shape[1] + 24
+        )
+        assert len(got_puts) == len(expected_puts)
+        assert got_puts[-1] == "end" and all(
+            torch.equal(mine, theirs) for mine, theirs in zip(got_puts[:-1], expected_puts[:-1])
+        )

@@ -462,18 +462,18 @@ def glide_generate(
         )
         output = kept.take("output", output)
         output[:, 0] = first_tokens
-        if streamer is not None:
-            streamer.put(first_tokens.cpu())
+        feed = _StreamFeed(streamer, pad_token_id) if streamer is not None else None
         _drop(call, rows, _finished_rows(call, rows, output))
         runner = _RoundRunner(call, rows, output, kept.graphs)
-        while rows.index.numel() > 0:
+        while True:
+            if feed is not None:
+                feed.send_final_steps(call, rows, output)
+            if rows.index.numel() == 0:
+                break
             result = runner.step()
             call.num_target_forwards += 1
             call.accepted.append(_scatter_rows(result.accepted.clone(), rows.index, batch))
             finished = result.finished.clone()
-            if streamer is not None:
-                # One host synchronisation per round, shared with the finished-rows check below.
-                streamer.put(result.new_tokens[:, : int(result.count.max())].cpu())
             if call.stopping_criteria:
                 finished |= _stop_where_criteria_are_met(call, rows, output, result.count)
             any_finished = None
@@ -1211,36 +1211,82 @@ def _finished_rows(call: _Call, rows: _Rows, output: torch.Tensor, with_criteria
 
 
 def _stop_where_criteria_are_met(call: _Call, rows: _Rows, output: torch.Tensor, count: torch.Tensor):
-    """Rows whose stopping criteria fired this round, cut back to the first token at which they fire (as
-    `target.generate`, which checks after every token, would stop). Runs on the host, for the rows that fired."""
-    fired = _stopping_criteria_met(call, rows, output)
-    for row in fired.nonzero().squeeze(-1).tolist():
-        original, end = int(rows.index[row]), int(rows.generated[row])
-        for length in range(end - int(count[row]) + 1, end + 1):
-            sequence = torch.cat([call.prompts[original], output[original, :length]])[None]
-            if bool(call.stopping_criteria(sequence, None).any()):
-                rows.generated[row] = length
-                break
-    return fired
+    """Rows whose stopping criteria fire at one of this round's `count` new tokens, each cut back to the first such
+    token. Checked as `target.generate` checks them, after every token, and on each row's own sequence (its prompt
+    as given, then its tokens so far): rows advance by different numbers of tokens in a round, so no one batch holds
+    every row at each of its lengths. Runs on the host, row by row."""
+    prompt_width = call.prompts.shape[1]
+    ends, counts = rows.generated.tolist(), count.tolist()
+    fired = []
+    for row, (end, new) in enumerate(zip(ends, counts)):
+        original = int(rows.index[row])
+        sequence = torch.cat([call.prompts[original], output[original, :end]])[None]
+        first = next(
+            (
+                length
+                for length in range(end - new + 1, end + 1)
+                if _criteria_met(call, sequence[:, : prompt_width + length])
+            ),
+            None,
+        )
+        if first is not None:
+            rows.generated[row] = first
+        fired.append(first is not None)
+    return torch.tensor(fired, dtype=torch.bool, device=rows.generated.device)
+
+
+def _criteria_met(call: _Call, sequence: torch.Tensor) -> bool:
+    """Whether the stopping criteria fire on one row's `sequence` `[1, L]`."""
+    try:
+        met = call.stopping_criteria(sequence, None)
+    except (RuntimeError, TypeError, ValueError) as error:  # e.g. a criterion's result of another shape
+        raise UnsupportedGenerationError(
+            f"A stopping criterion failed on a sequence `[1, {sequence.shape[1]}]` (the engine checks each row on "
+            f"its own: its prompt and its tokens so far): {error}"
+        ) from error
+    met = torch.as_tensor(met).reshape(-1) if met is not None else None
+    if met is None or met.numel() != 1 or met.is_floating_point():
+        raise UnsupportedGenerationError(
+            "A stopping criterion must return one bool per row (a `[batch]` bool tensor, as Transformers' "
+            f"`StoppingCriteria` do), got {met if met is None else tuple(met.shape)} for one row."
+        )
+    return bool(met)
 
 
 def _stopping_criteria_met(call: _Call, rows: _Rows, output: torch.Tensor) -> torch.Tensor:
-    # Checked once per round on the prompt and the tokens so far (rows padded to the longest).
-    sequences = torch.cat([call.prompts[rows.index], output[rows.index, : int(rows.generated.max())]], dim=1)
-    try:
-        met = call.stopping_criteria(sequences, None)
-    except (RuntimeError, TypeError, ValueError) as error:  # e.g. a criterion's result of another shape
-        raise UnsupportedGenerationError(
-            f"A stopping criterion failed on the engine's sequences `[{sequences.shape[0]}, {sequences.shape[1]}]` "
-            f"(each row: its prompt and the tokens so far): {error}"
-        ) from error
-    met = torch.as_tensor(met, device=rows.generated.device).reshape(-1) if met is not None else None
-    if met is None or met.numel() not in (1, sequences.shape[0]) or met.is_floating_point():
-        raise UnsupportedGenerationError(
-            "A stopping criterion must return one bool per row (a `[batch]` bool tensor, as Transformers' "
-            f"`StoppingCriteria` do), got {met if met is None else tuple(met.shape)} for {sequences.shape[0]} rows."
-        )
-    return met.bool().expand(sequences.shape[0])
+    """Rows whose stopping criteria fire on their sequence so far (each row on its own)."""
+    met = [
+        _criteria_met(call, torch.cat([call.prompts[original], output[original, :end]])[None])
+        for original, end in zip(rows.index.tolist(), rows.generated.tolist())
+    ]
+    return torch.tensor(met, dtype=torch.bool, device=rows.generated.device)
+
+
+class _StreamFeed:
+    """Gives a streamer what `target.generate` gives it: after the prompt, one `[batch]` tensor per step with each
+    row's token of that step (`pad_token_id` once the row has finished). A row's tokens are final once it has them
+    (end-of-sequence and stopping criteria cut a round back before), so step `s` goes out once every running row
+    holds more than `s` tokens."""
+
+    def __init__(self, streamer, pad_token_id: int) -> None:
+        self.streamer, self.pad_token_id, self.sent = streamer, pad_token_id, 0
+
+    def send_final_steps(self, call: _Call, rows: _Rows, output: torch.Tensor) -> None:
+        counts = call.new_tokens.clone()  # finished rows: their final count
+        counts[rows.index] = rows.generated
+        running = torch.zeros_like(counts, dtype=torch.bool)
+        running[rows.index] = True
+        counts, running = counts.tolist(), running.tolist()
+        running_counts = [count for count, is_running in zip(counts, running) if is_running]
+        final = min(running_counts) if running_counts else max(counts, default=0)
+        if final <= self.sent:
+            return
+        steps = output[:, self.sent : final].cpu()
+        within = torch.arange(self.sent, final)[None] < torch.tensor(counts)[:, None]
+        steps = steps.masked_fill(~within, self.pad_token_id)
+        for column in steps.unbind(dim=1):
+            self.streamer.put(column)
+        self.sent = final
 
 
 def _drop(call: _Call, rows: _Rows, finished: torch.Tensor, any_finished: bool | None = None) -> bool:
