@@ -1049,3 +1049,43 @@ def test_stopping_criteria_and_the_streamer_see_what_target_generate_shows_them(
         assert got_puts[-1] == "end" and all(
             torch.equal(mine, theirs) for mine, theirs in zip(got_puts[:-1], expected_puts[:-1])
         )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(encoder_repetition_penalty=3.0), dict(encoder_no_repeat_ngram_size=2)],
+    ids=["encoder_repetition_penalty", "encoder_no_repeat_ngram_size"],
+)
+def test_prompt_based_penalties_are_applied_as_target_generate_applies_them(settings):
+    """For a decoder-only target Transformers treats the prompt as the "encoder input" of these two settings."""
+    target = build_target()
+    draft = build_draft(target)
+    ids, mask = left_pad([random_ids(1, length, seed=length)[0] for length in (9, 5)])
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **settings)
+    assert torch.equal(
+        draft.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **settings), expected
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, error",
+    [
+        (dict(penalty_alpha=0.6, top_k=4), UnsupportedGenerationError),
+        (dict(dola_layers="high"), UnsupportedGenerationError),
+        (dict(token_healing=True), UnsupportedGenerationError),
+        (dict(synced_gpus=True), UnsupportedGenerationError),
+        (dict(forced_acceptance="2"), GlideConfigError),
+    ],
+    ids=["contrastive", "dola", "token_healing", "synced_gpus", "forced_acceptance_type"],
+)
+def test_decoding_methods_the_engine_does_not_implement_are_refused(settings, error):
+    draft = build_draft(build_target())
+    with pytest.raises(error):
+        draft.generate(random_ids(1, 5), max_new_tokens=4, **settings)
+
+
+def test_synced_gpus_false_is_accepted():
+    target = build_target()
+    prompt = random_ids(1, 5)
+    out = build_draft(target).generate(prompt, max_new_tokens=6, do_sample=False, synced_gpus=False)
+    assert torch.equal(out, target.generate(prompt, max_new_tokens=6, do_sample=False))

@@ -298,14 +298,26 @@ def glide_generate(
     _check_one_device(draft, input_ids, attention_mask)
     _check_input_values(input_ids, attention_mask, target.config.vocab_size)
     config, unused = target._prepare_generation_config(generation_config, **kwargs)
-    unused = {key: value for key, value in unused.items() if value is not None and key != "use_cache"}
+    if unused.get("synced_gpus"):
+        raise UnsupportedGenerationError(
+            "`synced_gpus=True` (generation across processes, as under DeepSpeed ZeRO-3) is not supported by the "
+            "GLIDE engine: it runs on one device."
+        )
+    unused = {
+        key: value for key, value in unused.items() if value is not None and key not in ("use_cache", "synced_gpus")
+    }
     if unused:
         raise TypeError(f"`generate` got unexpected arguments: {sorted(unused)}.")
     check_generation_config(config)
     if num_draft_tokens is None:
         num_draft_tokens = draft.config.num_draft_tokens
     policy = make_policy(draft_strategy, num_draft_tokens, tree_widths, cape_bins)
-    if forced_acceptance is not None and (policy.kind != "chain" or not 0 <= forced_acceptance <= policy.depth):
+    if forced_acceptance is not None and (
+        not isinstance(forced_acceptance, numbers.Real)
+        or isinstance(forced_acceptance, bool)
+        or policy.kind != "chain"
+        or not 0 <= forced_acceptance <= policy.depth
+    ):
         raise GlideConfigError(
             f"`forced_acceptance` (benchmark only) needs `draft_strategy='chain'` and a value in 0..{policy.depth}."
         )
@@ -423,6 +435,7 @@ def glide_generate(
                 target._get_logits_processor(
                     generation_config=config,
                     input_ids_seq_length=prompt_length,
+                    encoder_input_ids=input_ids[row : row + 1],  # the row's prompt, as `target.generate` passes it
                     logits_processor=logits_processor,
                     device=input_ids.device,
                     model_kwargs={"attention_mask": attention_mask[row : row + 1]},

@@ -48,7 +48,8 @@ __all__ = [
 # which also reads histories, runs on the device instead: `apply_repetition_penalty`).
 _HISTORY_DEPENDENT = {
     "no_repeat_ngram_size": 0,
-    "encoder_repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,  # with the prompt as the "encoder input", as Transformers' decoder-only
+    "encoder_no_repeat_ngram_size": 0,
     "bad_words_ids": None,
     "sequence_bias": None,
     "typical_p": 1.0,
@@ -122,6 +123,13 @@ def check_generation_config(config: GenerationConfig) -> None:
             f"`guidance_scale={config.guidance_scale}` (classifier-free guidance) is not supported by the GLIDE "
             "engine."
         )
+    # Other decoding methods than sampling and greedy search, and token healing (which rewrites the prompt).
+    for name, neutral in (("penalty_alpha", None), ("dola_layers", None), ("token_healing", False)):
+        if getattr(config, name, neutral) not in (None, neutral, 0):
+            raise UnsupportedGenerationError(
+                f"`{name}={getattr(config, name)!r}` selects a decoding method the GLIDE engine does not implement "
+                "(it decodes greedily or by sampling); call `target.generate` for it."
+            )
 
 
 def build_warpers(config: GenerationConfig) -> LogitsProcessorList:
