@@ -1089,3 +1089,19 @@ def test_synced_gpus_false_is_accepted():
     prompt = random_ids(1, 5)
     out = build_draft(target).generate(prompt, max_new_tokens=6, do_sample=False, synced_gpus=False)
     assert torch.equal(out, target.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_the_repetition_penalty_counts_prompt_tokens_as_target_generate_does():
+    """Transformers skips a row's leading padding only: a masked token inside the prompt still counts as seen."""
+    target = build_target()
+    draft = build_draft(target)
+    prompt = random_ids(1, 8, seed=11)
+    following = target.generate(prompt, max_new_tokens=1, do_sample=False)[:, -1:]
+    ids = torch.cat([prompt[:, :3], following, prompt[:, 3:]], dim=1)
+    ids = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], dim=1)  # and two tokens of leading padding
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[0, 5] = 0  # the token the target would say next, masked inside the prompt
+    settings = dict(max_new_tokens=8, do_sample=False, repetition_penalty=3.0, eos_token_id=None)
+    expected = target.generate(ids, attention_mask=mask, **settings)
+    assert torch.equal(draft.generate(ids, attention_mask=mask, **settings), expected)

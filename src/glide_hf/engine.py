@@ -800,12 +800,16 @@ def _prefill(
         first = verify_tree(root_tree, first_logits, [], config.do_sample, max_depth=0)
     else:
         if call.repetition_penalty is not None:
-            # The prompt's tokens; padding slots repeat the row's first token, which is a prompt token anyway.
-            tokens = torch.where(aligned_mask.bool(), aligned, aligned[:, :1])
+            # The prompt's tokens as Transformers' processor counts them: from each row's first attended token on
+            # (leading padding skipped, later masked tokens counted); skipped ones repeat that first token.
+            first_attended = (attention_mask != 0).int().argmax(dim=1, keepdim=True)  # [B, 1]
+            anchor = input_ids.gather(1, first_attended)
+            counted = torch.arange(prompt_length, device=device)[None] >= first_attended
+            tokens = torch.where(counted, input_ids, anchor)
             rows.seen = kept.take("seen", torch.zeros(batch, first_logits.shape[-1], dtype=torch.bool, device=device))
             rows.seen.scatter_(1, tokens, True)
             first_logits = apply_repetition_penalty(
-                first_logits, rows.seen, tokens[:, :1, None], call.repetition_penalty
+                first_logits, rows.seen, anchor[:, :, None], call.repetition_penalty
             )
         suppress = (rows.generated < call.min_new_tokens)[:, None]
         first = verify_tree(root_tree, first_logits, call.warpers, config.do_sample, suppress, call.eos_tensor, 0)
