@@ -1105,3 +1105,16 @@ def test_the_repetition_penalty_counts_prompt_tokens_as_target_generate_does():
     settings = dict(max_new_tokens=8, do_sample=False, repetition_penalty=3.0, eos_token_id=None)
     expected = target.generate(ids, attention_mask=mask, **settings)
     assert torch.equal(draft.generate(ids, attention_mask=mask, **settings), expected)
+
+
+def test_right_padded_prompts_get_a_warning(caplog):
+    import logging
+
+    draft = build_draft(build_target())
+    ids = random_ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    logging.Logger.warning_once.cache_clear()  # Transformers' once-only warnings: this one again, whatever ran before
+    with caplog.at_level(logging.WARNING, logger="glide_hf"):
+        draft.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert "Right padding in the prompts" in caplog.text

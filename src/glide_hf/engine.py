@@ -372,6 +372,12 @@ def glide_generate(
         # id (otherwise every token counts, with Transformers' warning).
         target._prepare_special_tokens(config, kwargs_has_attention_mask=False, device=input_ids.device)
         attention_mask = target._prepare_attention_mask_for_generation(input_ids, config, {})
+    if bool((attention_mask[:, -1] == 0).any()):
+        logger.warning_once(
+            "Right padding in the prompts: the GLIDE engine aligns each row itself, so its output continues every "
+            "prompt, while `target.generate` would continue after the padding and give another output. Pad on the "
+            "left (`padding_side='left'`) for the same output as `target.generate`."
+        )
     num_samples = config.num_return_sequences or 1
     if num_samples > 1:  # as `target.generate`: each prompt's samples are consecutive rows of one batch
         input_ids = input_ids.repeat_interleave(num_samples, dim=0)
