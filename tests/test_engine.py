@@ -111,6 +111,8 @@ def test_return_dict_reports_acceptance_statistics():
     accepted = out.accepted_per_round.clamp(min=0).sum(0)
     assert torch.equal(accepted + out.num_rounds + 1 >= out.new_tokens, torch.tensor([True, True]))
     assert out.tokens_per_target_forward == pytest.approx(32 / out.num_target_forwards)
+    # Fields of Transformers' `GenerateDecoderOnlyOutput` the engine does not fill read as None there too.
+    assert out.scores is None and out.logits is None and out.past_key_values is None
 
 
 def test_agreeing_draft_accepts_every_drafted_token():

@@ -91,6 +91,8 @@ class GlideGenerateOutput(ModelOutput):
         new_tokens (`torch.LongTensor` `[B]`): tokens generated per row.
         tokens_per_target_forward (`float`): all new tokens over all target forwards of the batch (the speedup
             speculative decoding can give at best, for batch 1).
+        scores, logits, attentions, hidden_states, past_key_values: always None (the engine does not return them;
+            asking for them raises). There so that code reading Transformers' `GenerateDecoderOnlyOutput` works.
     """
 
     sequences: torch.LongTensor | None = None
@@ -99,6 +101,11 @@ class GlideGenerateOutput(ModelOutput):
     accepted_per_round: torch.LongTensor | None = None
     new_tokens: torch.LongTensor | None = None
     tokens_per_target_forward: float | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    past_key_values: object | None = None
 
 
 @dataclass
