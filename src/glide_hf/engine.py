@@ -1246,10 +1246,9 @@ def _stop_where_criteria_are_met(call: _Call, rows: _Rows, output: torch.Tensor,
     as given, then its tokens so far): rows advance by different numbers of tokens in a round, so no one batch holds
     every row at each of its lengths. Runs on the host, row by row."""
     prompt_width = call.prompts.shape[1]
-    ends, counts = rows.generated.tolist(), count.tolist()
+    ends, counts, originals = rows.generated.tolist(), count.tolist(), rows.index.tolist()  # one synchronisation
     fired = []
-    for row, (end, new) in enumerate(zip(ends, counts)):
-        original = int(rows.index[row])
+    for row, (end, new, original) in enumerate(zip(ends, counts, originals)):
         sequence = torch.cat([call.prompts[original], output[original, :end]])[None]
         first = next(
             (
