@@ -1235,8 +1235,8 @@ def _finished_rows(call: _Call, rows: _Rows, output: torch.Tensor, with_criteria
     if call.eos_token_ids:
         last = output[rows.index, (rows.generated - 1).clamp(min=0)]
         done |= torch.isin(last, call.eos_tensor)
-    if with_criteria and call.stopping_criteria:
-        done |= _stopping_criteria_met(call, rows, output)
+    if with_criteria and call.stopping_criteria:  # on each row's newest token
+        done |= _stop_where_criteria_are_met(call, rows, output, torch.ones_like(rows.generated))
     return done
 
 
@@ -1280,15 +1280,6 @@ def _criteria_met(call: _Call, sequence: torch.Tensor) -> bool:
             f"`StoppingCriteria` do), got {met if met is None else tuple(met.shape)} for one row."
         )
     return bool(met)
-
-
-def _stopping_criteria_met(call: _Call, rows: _Rows, output: torch.Tensor) -> torch.Tensor:
-    """Rows whose stopping criteria fire on their sequence so far (each row on its own)."""
-    met = [
-        _criteria_met(call, torch.cat([call.prompts[original], output[original, :end]])[None])
-        for original, end in zip(rows.index.tolist(), rows.generated.tolist())
-    ]
-    return torch.tensor(met, dtype=torch.bool, device=rows.generated.device)
 
 
 class _StreamFeed:
