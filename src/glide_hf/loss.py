@@ -14,6 +14,8 @@ module; liger, which needs the weight matrix, then gives way to `chunked`.
 This file belongs to the remote-code closure: optional imports sit under `is_*_available()` checks only.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -56,7 +58,7 @@ def linear_head_weights(lm_head: torch.nn.Module) -> tuple[torch.Tensor, torch.T
 
 def head_device(lm_head: torch.nn.Module) -> torch.device | None:
     """Where the LM head's weights are (None for a head without any)."""
-    reference = next(iter([*lm_head.parameters(), *lm_head.buffers()]), None)
+    reference = next(itertools.chain(lm_head.parameters(), lm_head.buffers()), None)
     return None if reference is None else reference.device
 
 

@@ -48,7 +48,8 @@ __all__ = [
 # which also reads histories, runs on the device instead: `apply_repetition_penalty`).
 _HISTORY_DEPENDENT = {
     "no_repeat_ngram_size": 0,
-    "encoder_repetition_penalty": 1.0,  # with the prompt as the "encoder input", as Transformers' decoder-only
+    # With each row's prompt as the "encoder input", as Transformers applies them to decoder-only models.
+    "encoder_repetition_penalty": 1.0,
     "encoder_no_repeat_ngram_size": 0,
     "bad_words_ids": None,
     "sequence_bias": None,
