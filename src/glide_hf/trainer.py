@@ -260,7 +260,7 @@ class GlideCliArguments:
         default=None, metadata={"help": "Write the final metrics (train and eval) to this JSON file."}
     )
     # Set by `parse_train_args`, not a flag: with `dry_run`, the precision flags this machine cannot run, each with
-    # the hardware it needs (checked with them off; see `_dry_run_training_arguments`).
+    # the hardware it needs (checked with them off; see `_training_arguments_here`).
     unsupported_here: dict[str, str] = field(default_factory=dict, init=False)
 
 
@@ -1077,15 +1077,16 @@ def _precision_flags_unsupported_here(values: dict) -> dict[str, str]:
     return unsupported
 
 
-def _dry_run_training_arguments(values: dict) -> tuple[TrainingArguments, dict[str, str]]:
-    """`TrainingArguments(**values)` for `--dry-run`, which checks a config before it gets GPU time, so possibly on
-    a machine without a GPU: when `TrainingArguments` refuses only because this machine lacks the hardware for
-    `bf16` (or `bf16_full_eval`, `tf32`), they are turned off and the arguments built again, so that every other
-    check still runs. Returns the arguments and the flags turned off, each with the hardware it needs;
-    `resolved_config` prints them back as asked and says so.
+def _training_arguments_here(values: dict) -> tuple[TrainingArguments, dict[str, str]]:
+    """`TrainingArguments(**values)`, telling a refusal for this machine's hardware alone from the others: when
+    `TrainingArguments` refuses only because this machine lacks the hardware for `bf16` (or `bf16_full_eval`,
+    `tf32`), they are turned off and the arguments built again, so that every other check still runs. Returns the
+    arguments and the flags turned off, each with the hardware it needs. `--dry-run` (which checks a config before
+    it gets GPU time, so possibly on a machine without a GPU) prints them back as asked (`resolved_config`); a real
+    run stops with one line saying what to do.
 
     Not when `fp16` is also set with bf16: the retry would hide the conflict, which `TrainingArguments` reports
-    after the hardware check. A real run uses it too, to replace that refusal with one line saying what to do."""
+    after the hardware check."""
     try:
         return TrainingArguments(**values), {}
     except ValueError:
@@ -1104,7 +1105,7 @@ def parse_train_args(
 ) -> tuple[GlideTrainingArguments, TrainingArguments, GlideCliArguments]:
     """Parse `glide-hf train` flags (optionally after a YAML/JSON config file); invalid values exit through
     `parser.error` (status 2). With `--dry-run`, precision flags that this machine cannot run (bf16 without a GPU)
-    are checked with them off and listed in `cli_args.unsupported_here` (`_dry_run_training_arguments`)."""
+    are checked with them off and listed in `cli_args.unsupported_here` (`_training_arguments_here`)."""
     parser = HfArgumentParser(
         (GlideTrainingArguments, TrainingArguments, GlideCliArguments),
         prog=prog,
@@ -1122,18 +1123,15 @@ def parse_train_args(
     try:
         glide_args = GlideTrainingArguments(**fields_of(GlideTrainingArguments))
         cli_args = GlideCliArguments(**fields_of(GlideCliArguments))
-        if cli_args.dry_run:
-            training_args, cli_args.unsupported_here = _dry_run_training_arguments(fields_of(TrainingArguments))
-        else:
-            # Built as for a dry run, only to tell a refusal for this machine's hardware alone (then one clear line).
-            training_args, unsupported = _dry_run_training_arguments(fields_of(TrainingArguments))
-            if unsupported:
-                flags = ", ".join(f"--{name} needs {hardware}" for name, hardware in unsupported.items())
-                parser.error(
-                    f"{flags}, which this machine lacks. Run on such a GPU, or pass "
-                    f"{' '.join(f'--{name} false' for name in unsupported)} to train here in float32 (slow); "
-                    "`--dry-run` checks the rest of the configuration on this machine."
-                )
+        training_args, cli_args.unsupported_here = _training_arguments_here(fields_of(TrainingArguments))
+        if cli_args.unsupported_here and not cli_args.dry_run:
+            unsupported = cli_args.unsupported_here
+            flags = ", ".join(f"--{name} needs {hardware}" for name, hardware in unsupported.items())
+            parser.error(
+                f"{flags}, which this machine lacks. Run on such a GPU, or pass "
+                f"{' '.join(f'--{name} false' for name in unsupported)} to train here in float32 (slow); "
+                "`--dry-run` checks the rest of the configuration on this machine."
+            )
     except ValueError as error:  # dataclass checks: `GlideConfigError` and TrainingArguments' own
         parser.error(str(error))
     if remaining:
@@ -1161,13 +1159,14 @@ def resolved_config(
     is resolved as on a CUDA GPU, and `resolved.hardware_note` says what the run needs.
     """
     training = json.loads(training_args.to_json_string())
+    # Flags turned off here: `target_dtype` as on the CUDA GPU the run needs.
+    target_dtype = resolve_target_dtype(glide_args, training_args, "cuda" if unsupported_here else None)
     resolved = {
-        "target_dtype": str(resolve_target_dtype(glide_args, training_args)).removeprefix("torch."),
+        "target_dtype": str(target_dtype).removeprefix("torch."),
         "resume_from_checkpoint": resolve_checkpoint(glide_args, training_args),
     }
     if unsupported_here:
         training.update(dict.fromkeys(unsupported_here, True))
-        resolved["target_dtype"] = str(resolve_target_dtype(glide_args, training_args, "cuda")).removeprefix("torch.")
         needs = "; ".join(f"`{name}` needs {hardware}" for name, hardware in unsupported_here.items())
         flags = ", ".join(f"`{name}`" for name in unsupported_here)
         resolved["hardware_note"] = (
