@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_training import DATA_FILE, draft_weights
+from tiny_training import DATA_FILE, cli_flags, draft_weights
 from transformers import TrainingArguments
 
 from glide_hf import GlideForCausalLM, TargetMismatchError
@@ -26,25 +26,8 @@ from glide_hf.trainer import (
 )
 
 EXAMPLE_CONFIGS = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
-MAX_LENGTH = 48
 RESUME_STEPS = 6
 CHECKPOINT_STEP = 3
-
-
-def cli_flags(target_dir: str, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--target", target_dir,
-        "--data", str(DATA_FILE),
-        "--output-dir", str(output_dir),
-        "--data-cache-dir", str(output_dir.parent / "data_cache"),
-        "--max-length", str(MAX_LENGTH),
-        "--per-device-train-batch-size", "4",
-        "--report-to", "none",
-        "--disable-tqdm", "true",
-        "--use-cpu",
-        "--seed", "0",
-        *extra,
-    ]  # fmt: skip
 
 
 def arguments(target_dir: str, output_dir: Path, *extra: str) -> tuple[GlideTrainingArguments, TrainingArguments]:

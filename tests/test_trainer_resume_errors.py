@@ -11,39 +11,26 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tiny_training import DATA_FILE
+from tiny_training import cli_flags
 
 import glide_hf.trainer as trainer_module
 from glide_hf import CheckpointFormatError, GlideConfigError
 from glide_hf.cli import main
 from glide_hf.trainer import build_glide_trainer, parse_train_args, resolve_checkpoint, train_glide
 
-MAX_LENGTH = 48
 SAVE_STEPS = 2
 MAX_STEPS = 4  # checkpoints 2 and 4
 DAMAGED = f"checkpoint-{MAX_STEPS}"
 EARLIER = f"checkpoint-{SAVE_STEPS}"
 
 
-def cli_flags(target_dir: str, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--target", target_dir,
-        "--data", str(DATA_FILE),
-        "--output-dir", str(output_dir),
-        "--data-cache-dir", str(output_dir.parent / "data_cache"),
-        "--max-length", str(MAX_LENGTH),
-        "--per-device-train-batch-size", "4",
-        "--save-steps", str(SAVE_STEPS),
-        "--report-to", "none",
-        "--disable-tqdm", "true",
-        "--use-cpu",
-        "--seed", "0",
-        *extra,
-    ]  # fmt: skip
+def run_flags(target_dir: str, output_dir: Path, *extra: str) -> list[str]:
+    """The quick run's flags, with a checkpoint every `SAVE_STEPS` steps."""
+    return cli_flags(target_dir, output_dir, "--save-steps", str(SAVE_STEPS), *extra)
 
 
 def train(target_dir: str, output_dir: Path, *extra: str) -> None:
-    glide_args, training_args, _ = parse_train_args(cli_flags(target_dir, output_dir, *extra))
+    glide_args, training_args, _ = parse_train_args(run_flags(target_dir, output_dir, *extra))
     train_glide(glide_args, training_args)
 
 
@@ -83,7 +70,7 @@ def fail_if_called(*args, **kwargs):
 
 
 def resolve(target_dir: str, output_dir: Path, *extra: str) -> str | None:
-    glide_args, training_args, _ = parse_train_args(cli_flags(target_dir, output_dir, *extra))
+    glide_args, training_args, _ = parse_train_args(run_flags(target_dir, output_dir, *extra))
     return resolve_checkpoint(glide_args, training_args)
 
 
@@ -130,7 +117,7 @@ def test_the_error_names_every_damaged_file(run_copy, target_dir):
 
 def test_cli_reports_a_truncated_optimizer_state_in_one_line(run_copy, target_dir, capsys):
     damage(run_copy / DAMAGED, "optimizer.pt", "truncated")
-    flags = cli_flags(target_dir, run_copy, "--max-steps", str(MAX_STEPS + 2), "--resume")
+    flags = run_flags(target_dir, run_copy, "--max-steps", str(MAX_STEPS + 2), "--resume")
     assert main(["train", *flags]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Traceback" not in error
@@ -154,7 +141,7 @@ def test_without_the_check_trainer_fails_deep_inside_torch(run_copy, target_dir,
 
 def test_trainer_train_called_directly_checks_the_checkpoint_files_too(run_copy, target_dir):
     damage(run_copy / DAMAGED, "optimizer.pt", "truncated")
-    glide_args, training_args, _ = parse_train_args(cli_flags(target_dir, run_copy, "--max-steps", str(MAX_STEPS + 2)))
+    glide_args, training_args, _ = parse_train_args(run_flags(target_dir, run_copy, "--max-steps", str(MAX_STEPS + 2)))
     trainer = build_glide_trainer(glide_args, training_args)
     with pytest.raises(CheckpointFormatError, match="optimizer.pt"):
         trainer.train(resume_from_checkpoint=str(run_copy / DAMAGED))
